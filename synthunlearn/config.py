@@ -1,0 +1,365 @@
+"""Run configuration: YAML files mapped onto typed dataclasses.
+
+A run is described by one YAML file (``configs/tiny/unlearn.yaml`` is the embedded default) plus
+dotted command-line overrides such as ``objective.tau=2.5`` or ``data.forget.path=qa.jsonl``.
+Every key is checked when the run starts: an unknown key, a value of the wrong type or a choice
+outside its allowed set raises :class:`ConfigError` naming the dotted key and what is valid, so a
+typo costs seconds instead of a night of GPU time.
+
+Sections: ``model``, ``reference``, ``data``, ``objective``, ``optimisation``, ``checkpointing``,
+``logging``. Their fields and defaults are the reference documentation (README "Configuration").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from synthunlearn.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    # A local Hugging Face model directory, or "builtin:tiny-llama" for the embedded default
+    # (built offline on first use; see synthunlearn/tiny_model.py).
+    path: str = "builtin:tiny-llama"
+    # Tokenizer directory; defaults to ``path``.
+    tokenizer_path: Optional[str] = None
+    # Parameter/compute dtype of the policy. bf16 keeps fp32 master weights in DeepSpeed.
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: bool = False
+    # Executes Python shipped with the model directory: off unless the user opts in (logged).
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ReferenceConfig:
+    """The frozen reference model, created only when an objective term needs it."""
+
+    # "engine": a frozen DeepSpeed engine run every step (ZeRO-3 when the policy is ZeRO-3).
+    # "cached": reference hidden states computed once before training and streamed from disk.
+    mode: Literal["engine", "cached"] = "engine"
+    # Reference weights; defaults to the policy's initial weights (``model.path``).
+    path: Optional[str] = None
+    # Keep the reference's parameters in CPU memory (ZeRO-3 parameter offload).
+    offload: bool = False
+    # Where "cached" mode writes its files; defaults to ``<output_dir>/reference_cache``.
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class DataSourceConfig:
+    """One data set: where it lives and how much of it enters each optimizer step."""
+
+    # Local JSONL / JSON / Parquet file, a directory written by ``Dataset.save_to_disk``, or
+    # "builtin:<name>" for a file bundled in synthunlearn/assets. None disables the set.
+    path: Optional[str] = None
+    format: Literal["auto", "jsonl", "json", "parquet", "disk"] = "auto"
+    # Sequences of this set per optimizer step, summed over all ranks and micro-batches. Each
+    # rank's micro-batch is global_batch_size / (world_size * gradient_accumulation_steps).
+    global_batch_size: int = 8
+    # Held-out file of the same kind, evaluated every ``logging.eval_steps``.
+    eval_path: Optional[str] = None
+    # Use at most this many records (None: all).
+    max_records: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    # Sequences longer than this are truncated (counted and logged).
+    max_length: int = 256
+    # Concatenate examples into max_length rows (documents separated by EOS).
+    packing: bool = False
+    sft: DataSourceConfig = field(default_factory=DataSourceConfig)
+    # Unlearning: the synthetic Q-A set whose pattern is forgotten.
+    forget: DataSourceConfig = field(default_factory=DataSourceConfig)
+    # Unlearning: non-synthetic data trained on with ordinary descent.
+    replay: DataSourceConfig = field(default_factory=DataSourceConfig)
+    # Unlearning: data on which the KL to the reference is measured; defaults to the replay files.
+    kl: DataSourceConfig = field(default_factory=DataSourceConfig)
+
+
+@dataclass
+class ObjectiveConfig:
+    """Loss terms. Formulas: synthunlearn/objectives and README "Objectives"."""
+
+    # Forgetting term on the forget set ("none" for SFT-style runs).
+    forget: Literal["none", "ga", "capped_ga", "unlikelihood", "npo", "simnpo"] = "capped_ga"
+    forget_weight: float = 1.0
+    # capped_ga: bound per sequence (mean token NLL of the sequence) or per token.
+    granularity: Literal["sequence", "token"] = "sequence"
+    # capped_ga bound, in nats per token. "relative": tau * the reference's NLL of the same
+    # sequence/token (the initial NLL, since the reference is the starting policy).
+    tau: float = 3.0
+    tau_mode: Literal["absolute", "relative"] = "absolute"
+    # npo / simnpo inverse temperature, simnpo margin.
+    beta: float = 0.1
+    gamma: float = 0.0
+    replay_weight: float = 1.0
+    kl_weight: float = 1.0
+    kl_direction: Literal["forward", "reverse"] = "forward"
+    # Backend of synthunlearn.ops.linear_logprob_kl.
+    op_backend: Literal["auto", "torch", "triton", "cpu"] = "auto"
+
+
+@dataclass
+class OptimisationConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # Learning rate at the end of the decay, as a fraction of ``lr``.
+    min_lr_ratio: float = 0.0
+    gradient_accumulation_steps: int = 1
+    # Optimizer steps; when None, ``epochs`` over the primary set (sft or forget) decides.
+    max_steps: Optional[int] = 100
+    epochs: Optional[float] = None
+    seed: int = 0
+
+
+@dataclass
+class CheckpointingConfig:
+    # Save every N optimizer steps (0: only at the end).
+    save_steps: int = 0
+    # Keep the newest N complete checkpoints (0: keep all).
+    keep_last: int = 2
+    # Export ``final/`` as a Hugging Face model directory at the end.
+    export_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_steps: int = 1
+    # Evaluate held-out sets every N steps (0: only at the end).
+    eval_steps: int = 0
+    # Micro-batches per held-out set and evaluation (None: the whole set).
+    eval_batches: Optional[int] = 8
+    progress_bar: bool = True
+    # DeepSpeed's monitor backends, written under <output_dir>/monitor.
+    tensorboard: bool = False
+    csv: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optimisation: OptimisationConfig = field(default_factory=OptimisationConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion from plain YAML data, with errors that name the key
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is tuple:
+        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp, key: str, source: str):
+    """Convert ``value`` to type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, key, source)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, source)
+            except ConfigError:
+                pass
+        raise _bad_value(key, value, tp, source)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _bad_value(key, value, tp, source)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _bad_value(key, value, tp, source)
+        return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _bad_value(key, value, tp, source)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _bad_value(key, value, tp, source)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _bad_value(key, value, tp, source)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _bad_value(key, value, tp, source)
+    raise TypeError(f"config field {key} has unsupported type {tp}")  # a bug, not user input
+
+
+def _bad_value(key, value, tp, source) -> ConfigError:
+    return ConfigError(f"{source}: {key}: invalid value {value!r}; expected {_type_name(tp)}")
+
+
+def _build_dataclass(cls, data: Any, key: str, source: str):
+    if data is None:
+        data = {}
+    where = key or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in data:
+        if name not in fields:
+            raise ConfigError(f"{source}: unknown key {_join(key, str(name))!r}; valid keys"
+                              f"{' under ' + key if key else ''}: {', '.join(fields)}")
+    kwargs = {name: _convert(value, hints[name], _join(key, name), source)
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def to_dict(config) -> dict:
+    """The config as plain YAML-serialisable data (tuples become lists)."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and overrides
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"objective.tau=2.5"`` -> (["objective", "tau"], 2.5). Values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
+    return parts, value
+
+
+def _set_dotted(data: dict, parts: list[str], value: Any, text: str) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {text!r}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply dotted overrides, convert and validate."""
+    data = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set_dotted(data, parts, value, text)
+    if overrides:
+        source += " (with overrides)"
+    config = _build_dataclass(RunConfig, data, "", source)
+    validate(config, source)
+    return config
+
+
+def validate(config: RunConfig, source: str = "config") -> None:
+    """Range checks that types alone cannot express."""
+    def need(ok: bool, key: str, what: str):
+        if not ok:
+            raise ConfigError(f"{source}: {key}: {what}")
+
+    o = config.optimisation
+    need(o.lr > 0, "optimisation.lr", "must be > 0")
+    need(o.weight_decay >= 0, "optimisation.weight_decay", "must be >= 0")
+    need(all(0 <= b < 1 for b in o.betas), "optimisation.betas", "each must be in [0, 1)")
+    need(o.eps > 0, "optimisation.eps", "must be > 0")
+    need(o.warmup_steps >= 0, "optimisation.warmup_steps", "must be >= 0")
+    need(0 <= o.min_lr_ratio <= 1, "optimisation.min_lr_ratio", "must be in [0, 1]")
+    need(o.gradient_accumulation_steps >= 1, "optimisation.gradient_accumulation_steps", "must be >= 1")
+    need(o.max_steps is not None or o.epochs is not None, "optimisation.max_steps",
+         "set max_steps or optimisation.epochs")
+    need(o.max_steps is None or o.max_steps >= 0, "optimisation.max_steps", "must be >= 0")
+    need(o.epochs is None or o.epochs > 0, "optimisation.epochs", "must be > 0")
+    d = config.data
+    need(d.max_length >= 2, "data.max_length", "must be >= 2")
+    for name in ("sft", "forget", "replay", "kl"):
+        src = getattr(d, name)
+        need(src.global_batch_size >= 1, f"data.{name}.global_batch_size", "must be >= 1")
+        need(src.max_records is None or src.max_records >= 1, f"data.{name}.max_records", "must be >= 1")
+    ob = config.objective
+    need(ob.tau > 0, "objective.tau", "must be > 0")
+    need(ob.beta > 0, "objective.beta", "must be > 0")
+    for w in ("forget_weight", "replay_weight", "kl_weight"):
+        need(getattr(ob, w) >= 0, f"objective.{w}", "must be >= 0")
+    c = config.checkpointing
+    need(c.save_steps >= 0, "checkpointing.save_steps", "must be >= 0")
+    need(c.keep_last >= 0, "checkpointing.keep_last", "must be >= 0")
+    lg = config.logging
+    need(lg.log_steps >= 1, "logging.log_steps", "must be >= 1")
+    need(lg.eval_steps >= 0, "logging.eval_steps", "must be >= 0")
+    need(lg.eval_batches is None or lg.eval_batches >= 1, "logging.eval_batches", "must be >= 1")
