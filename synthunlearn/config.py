@@ -48,14 +48,11 @@ class ReferenceConfig:
     """The frozen reference model, created only when an objective term needs it."""
 
     # "engine": a frozen DeepSpeed engine run every step (ZeRO-3 when the policy is ZeRO-3).
-    # "cached": reference hidden states computed once before training and streamed from disk.
-    mode: Literal["engine", "cached"] = "engine"
+    mode: Literal["engine"] = "engine"
     # Reference weights; defaults to the policy's initial weights (``model.path``).
     path: Optional[str] = None
     # Keep the reference's parameters in CPU memory (ZeRO-3 parameter offload).
     offload: bool = False
-    # Where "cached" mode writes its files; defaults to ``<output_dir>/reference_cache``.
-    cache_dir: Optional[str] = None
 
 
 @dataclass
