@@ -59,7 +59,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 def linear_logprob_kl(hidden, weight, labels, ref_hidden=None, ref_weight=None, *,
                       kl_direction="forward", ignore_index=-100, backend="auto") -> LogProbKL:
     _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, kl_direction, backend)
-    backend = _resolve_backend(backend, hidden.device)
+    requested, backend = backend, _resolve_backend(backend, hidden.device)
     if backend == "torch":
         return LogProbKL(*linear_logprob_kl_torch(hidden, weight, labels, ref_hidden, ref_weight,
                                                   kl_direction=kl_direction, ignore_index=ignore_index))
@@ -68,5 +68,7 @@ def linear_logprob_kl(hidden, weight, labels, ref_hidden=None, ref_weight=None, 
         return LogProbKL(*linear_logprob_kl_triton(hidden, weight, labels, ref_hidden, ref_weight,
                                                    kl_direction=kl_direction, ignore_index=ignore_index))
     from synthunlearn.ops.cpu_backend import linear_logprob_kl_cpu
+    # Explicit "cpu": a failed C++ build is an error; "auto": warn once, use the chunked fallback.
     return LogProbKL(*linear_logprob_kl_cpu(hidden, weight, labels, ref_hidden, ref_weight,
-                                            kl_direction=kl_direction, ignore_index=ignore_index))
+                                            kl_direction=kl_direction, ignore_index=ignore_index,
+                                            strict=requested == "cpu"))
