@@ -1,0 +1,244 @@
+"""Locating and reading data files into ``datasets.Dataset`` tables, with errors that say where.
+
+Accepted sources (``DataSourceConfig.path`` / ``eval_path``):
+
+- ``builtin:<relative path>``: a file bundled in ``synthunlearn/assets``, e.g.
+  ``builtin:tiny/sft.jsonl``.
+- a local path (relative paths resolve against the current directory) to
+  - JSON Lines (``.jsonl``; format ``jsonl``): one JSON object per line, blank lines allowed;
+  - JSON (``.json``; format ``json``): one top-level array of objects (a ``.json`` file whose
+    first non-blank character is not ``[`` is read as JSON Lines, as many such files are);
+  - Parquet (``.parquet``; format ``parquet``);
+  - a directory written by ``Dataset.save_to_disk`` (format ``disk``); a saved ``DatasetDict``
+    must contain a ``train`` split, which is used for both train and eval paths.
+
+``format: auto`` picks by the above: directory -> disk, else by extension.
+
+JSON/JSONL files are checked line by line before ``datasets`` sees them, so a broken file fails
+with ``<file>:<line>: ...`` instead of an Arrow stack trace: every line must be a JSON object, and a
+field must hold the same JSON type (string, number, boolean, array, object) in every record, null
+allowed. Field *contents* are checked later by the formatter, which names the record.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from synthunlearn.config import DataSourceConfig
+from synthunlearn.errors import DataError
+
+BUILTIN_PREFIX = "builtin:"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+
+
+def resolve_data_path(spec: str, key: str = "data") -> Path:
+    """The existing file or directory that ``spec`` names; :class:`DataError` naming ``key`` if none.
+
+    ``builtin:tiny/sft.jsonl`` -> ``<package>/assets/tiny/sft.jsonl``; anything else is a local
+    path, relative to the current directory.
+    """
+    if spec.startswith(BUILTIN_PREFIX):
+        rel = spec[len(BUILTIN_PREFIX):]
+        path = (ASSETS_DIR / rel).resolve()
+        if ASSETS_DIR.resolve() not in path.parents or not path.exists():
+            available = sorted(str(p.relative_to(ASSETS_DIR)) for p in ASSETS_DIR.rglob("*.jsonl"))
+            raise DataError(f"{key}: unknown builtin data {spec!r}; available: "
+                            + ", ".join(BUILTIN_PREFIX + a for a in available))
+        return path
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"{key}: data file {spec!r} not found (resolved to {path.absolute()})")
+    return path
+
+
+@dataclass
+class LoadedRecords:
+    """A loaded table plus what is needed to point at one of its records in an error message."""
+
+    dataset: "datasets.Dataset"  # noqa: F821
+    path: Path
+    key: str
+    # For JSON Lines: the 1-based line number of each record, so errors can say ``file:line``.
+    line_numbers: Optional[list[int]] = None
+
+    def where(self, index: int) -> str:
+        """``<file>:<line> (record <index>)`` or ``<file> (record <index>)``; index is 0-based."""
+        if self.line_numbers is not None and index < len(self.line_numbers):
+            return f"{self.path}:{self.line_numbers[index]} (record {index})"
+        return f"{self.path} (record {index})"
+
+
+def detect_format(path: Path, fmt: str, key: str) -> str:
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "disk"
+    kind = _EXTENSIONS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{key}: cannot tell the format of {path} from its extension; use .jsonl, "
+                        f".json, .parquet or a save_to_disk directory, or set {key}.format")
+    if kind == "json" and _first_char(path) != "[":
+        kind = "jsonl"
+    return kind
+
+
+def _first_char(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while True:
+            chunk = f.read(4096)
+            if not chunk:
+                return ""
+            stripped = chunk.lstrip()
+            if stripped:
+                return stripped[0]
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _check_records(records, path: Path, key: str, line_numbers: Optional[list[int]]):
+    """Each record an object; each field one JSON type throughout (null allowed)."""
+    seen: dict[str, tuple[str, str]] = {}  # field -> (type, where first seen)
+    for i, rec in enumerate(records):
+        where = f"{path}:{line_numbers[i]}" if line_numbers else f"{path} (record {i})"
+        if not isinstance(rec, dict):
+            raise DataError(f"{key}: {where}: expected a JSON object per record, got {_json_type(rec)}")
+        for field, value in rec.items():
+            t = _json_type(value)
+            if t == "null":
+                continue
+            if field not in seen:
+                seen[field] = (t, where)
+            elif seen[field][0] != t:
+                raise DataError(f"{key}: {where}: field {field!r} is a {t}, but it is a "
+                                f"{seen[field][0]} at {seen[field][1]}; use one type per field")
+
+
+def _validate_jsonl(path: Path, key: str, limit: Optional[int]) -> list[int]:
+    """Parse every line (or the first ``limit`` records); returns their 1-based line numbers."""
+    records, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{key}: {path}:{lineno}: invalid JSON: {exc.msg} "
+                                f"(column {exc.colno})") from None
+            except UnicodeDecodeError as exc:  # pragma: no cover - raised by the file iterator
+                raise DataError(f"{key}: {path}:{lineno}: not UTF-8: {exc}") from None
+            lines.append(lineno)
+            if limit is not None and len(records) >= limit:
+                break
+    _check_records(records, path, key, lines)
+    return lines
+
+
+def _validate_json(path: Path, key: str) -> None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{key}: {path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{key}: {path}: expected a top-level JSON array of records")
+    _check_records(data, path, key, None)
+
+
+def load_source(src: DataSourceConfig, key: str, *, split: str = "train") -> LoadedRecords:
+    """Like :func:`load_records`, also returning what error messages need (file, line numbers)."""
+    import datasets
+
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    spec, spec_key = (src.path, f"{key}.path") if split == "train" else (src.eval_path, f"{key}.eval_path")
+    if not spec:
+        raise DataError(f"{spec_key}: not set")
+    path = resolve_data_path(spec, spec_key)
+    fmt = detect_format(path, src.format, f"{key}.format")
+    line_numbers = None
+    try:
+        if fmt == "jsonl":
+            if path.is_dir():
+                raise DataError(f"{spec_key}: {path} is a directory, not a JSON Lines file")
+            line_numbers = _validate_jsonl(path, key, src.max_records)
+            if not line_numbers:
+                raise DataError(f"{key}: {path}: no records (empty file)")
+            if src.max_records is not None and len(line_numbers) >= src.max_records:
+                # Only the validated prefix goes to datasets, so max_records also bounds the cost.
+                ds = _table_from_records(_read_jsonl_prefix(path, line_numbers))
+            else:
+                ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        elif fmt == "json":
+            _validate_json(path, key)
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        elif fmt == "parquet":
+            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        elif fmt == "disk":
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DataError(f"{spec_key}: {path} holds a DatasetDict without a 'train' split "
+                                    f"(splits: {', '.join(ds)})")
+                ds = ds["train"]
+        else:  # pragma: no cover - config validation restricts the choices
+            raise DataError(f"{key}.format: unsupported format {fmt!r}")
+    except DataError:
+        raise
+    except Exception as exc:  # Arrow / datasets errors: still a bad file, say which
+        raise DataError(f"{key}: cannot read {path} as {fmt}: {type(exc).__name__}: {exc}") from None
+    if src.max_records is not None and len(ds) > src.max_records:
+        ds = ds.select(range(src.max_records))
+    if len(ds) == 0:
+        raise DataError(f"{key}: {path}: no records")
+    return LoadedRecords(ds, path, key, line_numbers)
+
+
+def _read_jsonl_prefix(path: Path, line_numbers: list[int]) -> list[dict]:
+    wanted, out = set(line_numbers), []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if lineno in wanted:
+                out.append(json.loads(line))
+            if lineno >= line_numbers[-1]:
+                break
+    return out
+
+
+def _table_from_records(records: list[dict]):
+    """``Dataset`` with the union of the records' fields (missing -> null), like the JSON loader.
+
+    (``Dataset.from_list`` would take the columns from the first record only.)
+    """
+    import datasets
+
+    columns: dict[str, list] = {}
+    for rec in records:
+        for field in rec:
+            columns.setdefault(field, [])
+    for rec in records:
+        for field, values in columns.items():
+            values.append(rec.get(field))
+    return datasets.Dataset.from_dict(columns)
+
+
+def load_records(src: DataSourceConfig, key: str, *, split: str = "train"):
+    """Read the data set ``src`` (config key ``key``, e.g. ``"data.forget"``) as a ``datasets.Dataset``.
+
+    ``split="train"`` reads ``src.path``, ``split="eval"`` reads ``src.eval_path``. At most
+    ``src.max_records`` records (the first ones). Raises :class:`DataError` naming the file (and the
+    line, for JSON Lines) on unreadable, malformed or empty input.
+    """
+    return load_source(src, key, split=split).dataset
