@@ -1,0 +1,90 @@
+"""Loading Hugging Face causal LMs (ZeRO-3 aware) and exporting trained ones.
+
+Loading: under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` (via transformers'
+``HfDeepSpeedConfig``), so each rank only ever holds its partition; ``device_map`` is never used
+because it fights DeepSpeed's placement. Weights come only from safetensors (``use_safetensors``)
+and ``trust_remote_code`` is off unless the config turns it on, which is logged.
+
+Export: ``final/`` is a plain Hugging Face directory (config, ``model.safetensors``, tokenizer)
+that ``AutoModelForCausalLM.from_pretrained`` loads. Under ZeRO-3 the full state dict is gathered
+with ``engine._zero3_consolidated_16bit_state_dict()``, which every rank must call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from synthunlearn.errors import ConfigError
+from synthunlearn.tiny_model import resolve_model_path
+
+log = logging.getLogger("synthunlearn")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    spec = model_cfg.tokenizer_path or model_cfg.path
+    key = "model.tokenizer_path" if model_cfg.tokenizer_path else "model.path"
+    path = resolve_model_path(spec, key)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path}: {exc}") from None
+    if tok.pad_token_id is None:
+        # Padding positions are masked out of attention and labels, so EOS can stand in.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(spec: str, key: str, *, dtype: str, trust_remote_code: bool, ds_config: dict | None,
+                   gradient_checkpointing: bool = False):
+    """Loads a causal LM; with a ZeRO-3 ``ds_config`` it is partitioned while it is built."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    path = resolve_model_path(spec, key)
+    if trust_remote_code:
+        log.warning("%s: trust_remote_code is ON: executing Python code shipped in %s", key, path)
+    if not any((path / name).exists() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise ConfigError(f"{key}: {path} has no model.safetensors; only safetensors weights are loaded")
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive while loading)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot load a causal LM from {path}: {exc}") from None
+    finally:
+        if zero3:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+            unset_hf_deepspeed_config()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def export_hf(engine, tokenizer, out_dir: Path, *, is_main: bool, zero3: bool) -> None:
+    """Writes a loadable Hugging Face directory atomically (temporary directory, then rename)."""
+    from synthunlearn.distributed import barrier
+
+    model = engine.module.model
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # all ranks
+    if is_main:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if state_dict is None:
+            state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    barrier()
