@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-CHUNK_N = 1024
-CHUNK_V = 4096
+CHUNK_N = 256
+CHUNK_V = 2048
 
 _NEG_INF = float("-inf")
 
