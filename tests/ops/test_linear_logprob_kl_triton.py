@@ -1,0 +1,224 @@
+"""The Triton backend of linear_logprob_kl against float64 ground truth, under the Triton interpreter.
+
+Shapes are odd on purpose (N=37, D=48, D_ref=40, V=1031): with the tiles below that is 2 token
+blocks (the second partial), 5 vocab tiles (the last 7 wide) split over 2 programs, 2 D chunks
+(the second partial). The interpreter runs every program in numpy, so tiles are large-ish and
+each case is one forward + one backward.
+"""
+
+import os
+
+# triton.jit reads TRITON_INTERPRET when the backend's kernels are decorated, i.e. at its import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from synthunlearn.ops import linear_logprob_kl  # noqa: E402
+from synthunlearn.ops import triton_backend  # noqa: E402
+from synthunlearn.ops.triton_backend import TileConfig, linear_logprob_kl_triton  # noqa: E402
+from tests.ops.float64_reference import reference_logprob_kl  # noqa: E402
+
+if not triton_backend._interpreted():
+    raise RuntimeError("synthunlearn.ops.triton_backend was imported before TRITON_INTERPRET=1 was set; "
+                       "run this module in its own pytest process or export TRITON_INTERPRET=1")
+
+N, D, D_REF, V = 37, 48, 40, 1031
+IGNORE = -100
+CFG = TileConfig(block_n=32, block_v=256, block_d=32, vocab_splits=2)
+# max |actual - expected| / max |expected|, per tensor. bf16: inputs are exact, but dZ is rounded
+# to bf16 before the dH/dW matmuls and the gradients are returned in bf16.
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def make_inputs(dtype, *, seed=0, n=N, d=D, d_ref=D_REF, v=V, with_ref=True, logit_scale=1.0,
+                ignored_fraction=0.25, ref_dtype=None):
+    """Random inputs with logits of std ~ logit_scale; ``ignored_fraction`` of labels ignored."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(n, d, generator=g) * logit_scale ** 0.5).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, d, generator=g) * logit_scale ** 0.5 / d ** 0.5).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < ignored_fraction] = IGNORE
+    ref_hidden = ref_weight = None
+    if with_ref:
+        rdt = ref_dtype or dtype
+        ref_hidden = (torch.randn(n, d_ref, generator=g) * logit_scale ** 0.5).to(rdt)
+        ref_weight = (torch.randn(v, d_ref, generator=g) * logit_scale ** 0.5 / d_ref ** 0.5).to(rdt)
+    upstream_logp = torch.randn(n, generator=g)
+    upstream_kl = torch.randn(n, generator=g)
+    return hidden, weight, labels, ref_hidden, ref_weight, upstream_logp, upstream_kl
+
+
+def run_triton(hidden, weight, labels, ref_hidden, ref_weight, upstream_logp, upstream_kl, *,
+               kl_direction="forward", config=CFG, deterministic=None):
+    """Forward + backward of sum(g_l * logp + g_k * kl); grads of whichever inputs require them."""
+    logp, kl, ref_logp = linear_logprob_kl_triton(hidden, weight, labels, ref_hidden, ref_weight,
+                                                  kl_direction=kl_direction, ignore_index=IGNORE,
+                                                  config=config, deterministic=deterministic)
+    loss = logp.new_zeros(())
+    if upstream_logp is not None:
+        loss = loss + (logp * upstream_logp).sum()
+    if upstream_kl is not None and kl is not None:
+        loss = loss + (kl * upstream_kl).sum()
+    inputs = [t for t in (hidden, weight) if t.requires_grad]
+    grads = torch.autograd.grad(loss, inputs) if loss.requires_grad else [torch.zeros_like(t) for t in inputs]
+    grads = iter(grads)
+    grad_h = next(grads) if hidden.requires_grad else None
+    grad_w = next(grads) if weight.requires_grad else None
+    return logp, kl, ref_logp, grad_h, grad_w
+
+
+def assert_close(actual, expected, tol, what):
+    assert actual is not None, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual.double() - expected).abs().max().item() if actual.numel() else 0.0
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-6)
+    assert err <= tol * scale, f"{what}: max abs error {err:.3e} > {tol:g} * {scale:.3e}"
+
+
+def check_against_float64(inputs, kl_direction="forward", tol=None, **kw):
+    hidden, weight, labels, ref_hidden, ref_weight, g_l, g_k = inputs
+    tol = tol or TOL[hidden.dtype]
+    logp, kl, ref_logp, grad_h, grad_w = run_triton(*inputs, kl_direction=kl_direction, **kw)
+    ref = reference_logprob_kl(hidden, weight, labels, ref_hidden, ref_weight, kl_direction, IGNORE, g_l, g_k)
+    assert logp.dtype == torch.float32
+    assert_close(logp, ref.logp, tol, "logp")
+    if ref_hidden is None:
+        assert kl is None and ref_logp is None
+    else:
+        assert kl.dtype == ref_logp.dtype == torch.float32 and not ref_logp.requires_grad
+        assert_close(kl, ref.kl, tol, "kl")
+        assert_close(ref_logp, ref.ref_logp, tol, "ref_logp")
+    if grad_h is not None:
+        assert grad_h.dtype == hidden.dtype
+        assert_close(grad_h, ref.grad_hidden, tol, "grad_hidden")
+    if grad_w is not None:
+        assert grad_w.dtype == weight.dtype
+        assert_close(grad_w, ref.grad_weight, tol, "grad_weight")
+    ignored = labels == IGNORE
+    assert (logp[ignored] == 0).all() and (kl is None or (kl[ignored] == 0).all())
+    return logp, kl, ref_logp, grad_h, grad_w
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("kl_direction", ["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_float64_with_reference(dtype, kl_direction, deterministic):
+    check_against_float64(make_inputs(dtype, seed=1), kl_direction, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_float64_without_reference(dtype):
+    check_against_float64(make_inputs(dtype, seed=2, with_ref=False))
+
+
+def test_default_interpreter_tiles_and_fp16():
+    # The default small tiles, one vocab split, fp16; V a prime so no tile is full at the end.
+    check_against_float64(make_inputs(torch.float16, seed=3, v=211), "reverse", config=None)
+
+
+def test_reference_of_other_dtype_and_width():
+    check_against_float64(make_inputs(torch.float32, seed=4, d_ref=24, ref_dtype=torch.bfloat16), "forward")
+
+
+@pytest.mark.parametrize("kl_direction", ["forward", "reverse"])
+def test_large_logits(kl_direction):
+    inputs = make_inputs(torch.float32, seed=5, logit_scale=1e3)
+    hidden, weight = inputs[0], inputs[1]
+    logits = hidden.detach() @ weight.detach().T
+    assert logits.abs().max() > 1e3  # the online LSE must not overflow exp
+    check_against_float64(inputs, kl_direction)
+
+
+def test_upstream_on_one_output_only():
+    hidden, weight, labels, rh, rw, g_l, g_k = make_inputs(torch.float32, seed=6)
+    check_against_float64((hidden, weight, labels, rh, rw, None, g_k), "reverse")   # kl only
+    check_against_float64((hidden, weight, labels, rh, rw, g_l, None), "forward")   # logp only: no ref recompute
+
+
+def test_frozen_head_and_frozen_hidden():
+    # Only one gradient wanted: the single deterministic kernel for it (dH over token blocks / dW over vocab blocks).
+    hidden, weight, labels, rh, rw, g_l, g_k = make_inputs(torch.float32, seed=7)
+    _, _, _, grad_h, grad_w = check_against_float64(
+        (hidden, weight.detach(), labels, rh, rw, g_l, g_k), "forward", deterministic=False)
+    assert grad_h is not None and grad_w is None
+    _, _, _, grad_h, grad_w = check_against_float64(
+        (hidden.detach(), weight, labels, rh, rw, g_l, g_k), "reverse", deterministic=False)
+    assert grad_h is None and grad_w is not None
+
+
+def test_tied_embedding_composes_with_autograd():
+    # hidden = tanh(E[tokens]) and weight = E: the gradient reaches E along both paths.
+    g = torch.Generator().manual_seed(8)
+    emb = (torch.randn(V, D, generator=g) / D ** 0.5).requires_grad_(True)
+    tokens = torch.randint(0, V, (N,), generator=g)
+    labels = torch.roll(tokens, -1)
+    labels[-1] = IGNORE
+    rh, rw = torch.randn(N, D_REF, generator=g), torch.randn(V, D_REF, generator=g) / D_REF ** 0.5
+    g_l, g_k = torch.randn(N, generator=g), torch.randn(N, generator=g)
+
+    logp, kl, _ = linear_logprob_kl_triton(torch.tanh(emb[tokens]), emb, labels, rh, rw, config=CFG)
+    (grad,) = torch.autograd.grad((logp * g_l).sum() + (kl * g_k).sum(), emb)
+
+    emb64 = emb.detach().double().requires_grad_(True)
+    ref = reference_logprob_kl(torch.tanh(emb64[tokens]).detach(), emb64, labels, rh, rw, "forward", IGNORE, g_l, g_k)
+    # chain rule through tanh and the gather, done by autograd in float64
+    hidden64 = torch.tanh(emb64[tokens])
+    (expected,) = torch.autograd.grad((hidden64 * ref.grad_hidden).sum(), emb64)
+    assert_close(grad, expected + ref.grad_weight, TOL[torch.float32], "grad_embedding")
+
+
+def test_all_tokens_ignored():
+    inputs = make_inputs(torch.bfloat16, seed=9, ignored_fraction=1.0)
+    logp, kl, ref_logp, grad_h, grad_w = run_triton(*inputs, kl_direction="reverse")
+    for t in (logp, kl, ref_logp):
+        assert torch.equal(t, torch.zeros(N))
+    assert torch.equal(grad_h.float(), torch.zeros(N, D)) and torch.equal(grad_w.float(), torch.zeros(V, D))
+
+
+def test_empty_batch():
+    hidden, weight, labels, rh, rw, g_l, g_k = make_inputs(torch.float32, seed=10, n=0)
+    logp, kl, ref_logp, grad_h, grad_w = run_triton(hidden, weight, labels, rh, rw, g_l, g_k)
+    assert logp.shape == kl.shape == ref_logp.shape == (0,)
+    assert grad_h.shape == (0, D) and torch.equal(grad_w, torch.zeros(V, D))
+
+
+def test_deterministic_mode_is_bitwise_reproducible(monkeypatch):
+    monkeypatch.setenv(triton_backend.DETERMINISTIC_ENV, "1")
+    inputs = make_inputs(torch.bfloat16, seed=11)
+    first = run_triton(*inputs, kl_direction="reverse")
+    second = run_triton(*inputs, kl_direction="reverse")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_public_dispatch_and_label_validation():
+    hidden, weight, labels, rh, rw, _, _ = make_inputs(torch.float32, seed=12, v=67)
+    out = linear_logprob_kl(hidden, weight, labels, rh, rw, kl_direction="reverse", backend="triton")
+    expected = reference_logprob_kl(hidden, weight, labels, rh, rw, "reverse", IGNORE)
+    assert_close(out.logp, expected.logp, 1e-4, "logp")
+    assert_close(out.kl, expected.kl, 1e-4, "kl")
+    bad = labels.clone()
+    bad[0] = 67
+    with pytest.raises(ValueError, match="labels"):
+        linear_logprob_kl_triton(hidden, weight, bad)
+
+
+def test_cpu_without_interpreter_raises_clear_error():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch\n"
+            "from synthunlearn.ops.triton_backend import linear_logprob_kl_triton, TritonBackendError\n"
+            "try:\n"
+            "    linear_logprob_kl_triton(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]))\n"
+            "except TritonBackendError as e:\n"
+            "    assert 'TRITON_INTERPRET=1' in str(e), e\n"
+            "    print('raised')\n")
+    repo = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "raised" in result.stdout, result.stderr
