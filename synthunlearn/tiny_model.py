@@ -183,12 +183,26 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
+    with _quiet_transformers():  # no per-rank "Writing model shards" bars on first use
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     info = {"name": TINY_MODEL_NAME, "seed": seed, "bpe_vocab_size": vocab_size,
             "tokens": n_tokens, "corpus_strings": len(texts), "arch": params}
     (out / BUILD_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return out
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager

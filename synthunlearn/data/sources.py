@@ -22,6 +22,7 @@ allowed. Field *contents* are checked later by the formatter, which names the re
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,33 +169,9 @@ def load_source(src: DataSourceConfig, key: str, *, split: str = "train") -> Loa
         raise DataError(f"{spec_key}: not set")
     path = resolve_data_path(spec, spec_key)
     fmt = detect_format(path, src.format, f"{key}.format")
-    line_numbers = None
     try:
-        if fmt == "jsonl":
-            if path.is_dir():
-                raise DataError(f"{spec_key}: {path} is a directory, not a JSON Lines file")
-            line_numbers = _validate_jsonl(path, key, src.max_records)
-            if not line_numbers:
-                raise DataError(f"{key}: {path}: no records (empty file)")
-            if src.max_records is not None and len(line_numbers) >= src.max_records:
-                # Only the validated prefix goes to datasets, so max_records also bounds the cost.
-                ds = _table_from_records(_read_jsonl_prefix(path, line_numbers))
-            else:
-                ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        elif fmt == "json":
-            _validate_json(path, key)
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
-        elif fmt == "parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        elif fmt == "disk":
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if "train" not in ds:
-                    raise DataError(f"{spec_key}: {path} holds a DatasetDict without a 'train' split "
-                                    f"(splits: {', '.join(ds)})")
-                ds = ds["train"]
-        else:  # pragma: no cover - config validation restricts the choices
-            raise DataError(f"{key}.format: unsupported format {fmt!r}")
+        with _quiet_datasets():
+            ds, line_numbers = _read(datasets, path, fmt, src, key, spec_key)
     except DataError:
         raise
     except Exception as exc:  # Arrow / datasets errors: still a bad file, say which
@@ -204,6 +181,51 @@ def load_source(src: DataSourceConfig, key: str, *, split: str = "train") -> Loa
     if len(ds) == 0:
         raise DataError(f"{key}: {path}: no records")
     return LoadedRecords(ds, path, key, line_numbers)
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No "Generating train split" bars from every rank; the caller logs the data statistics."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
+def _read(datasets, path: Path, fmt: str, src: DataSourceConfig, key: str, spec_key: str):
+    """The table for one resolved file in one format, and JSONL line numbers (else None)."""
+    line_numbers = None
+    if fmt == "jsonl":
+        if path.is_dir():
+            raise DataError(f"{spec_key}: {path} is a directory, not a JSON Lines file")
+        line_numbers = _validate_jsonl(path, key, src.max_records)
+        if not line_numbers:
+            raise DataError(f"{key}: {path}: no records (empty file)")
+        if src.max_records is not None and len(line_numbers) >= src.max_records:
+            # Only the validated prefix goes to datasets, so max_records also bounds the cost.
+            ds = _table_from_records(_read_jsonl_prefix(path, line_numbers))
+        else:
+            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif fmt == "json":
+        _validate_json(path, key)
+        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+    elif fmt == "parquet":
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    elif fmt == "disk":
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{spec_key}: {path} holds a DatasetDict without a 'train' split "
+                                f"(splits: {', '.join(ds)})")
+            ds = ds["train"]
+    else:  # pragma: no cover - config validation restricts the choices
+        raise DataError(f"{key}.format: unsupported format {fmt!r}")
+    return ds, line_numbers
 
 
 def _read_jsonl_prefix(path: Path, line_numbers: list[int]) -> list[dict]:
