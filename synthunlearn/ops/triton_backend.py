@@ -64,7 +64,8 @@ FLOPs (multiply-add = 2)
 ------------------------
 forward 2NDV (policy) + 2NDrV (reference);  backward recompute 2NDV + 2NDrV (the reference only
 when kl has a gradient), dH 2NDV, dW 2NDV. Total 12NDV with a reference (D = Dr), 8NDV without.
-The deterministic mode recomputes once more (+2NDV, +2NDrV): 16NDV / 10NDV.
+The deterministic mode, when both dH and dW are needed, recomputes once more (+2NDV, +2NDrV):
+16NDV / 10NDV.
 
 Extra memory: O(S N) statistics + fp32 gradient buffers (N x D, V x D) + on-chip tiles.
 
@@ -74,6 +75,7 @@ before this module is imported (triton.jit reads it when the kernels are decorat
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -81,6 +83,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from synthunlearn.errors import UserError
 from synthunlearn.ops.triton_kernels import dlogits_tile, load_rows, logits_tile, mma, online_lse_step, target_logit
@@ -106,6 +109,14 @@ class TileConfig:
     num_stages: int = 2
     vocab_splits: Optional[int] = None
     fp32_precision: str = "ieee"
+
+    def __post_init__(self):
+        for name in ("block_n", "block_v", "block_d"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"TileConfig.{name} must be a power of two >= 16, got {value}")
+        if self.fp32_precision not in ("ieee", "tf32", "tf32x3"):
+            raise ValueError(f"TileConfig.fp32_precision must be ieee/tf32/tf32x3, got {self.fp32_precision!r}")
 
 
 # Small tiles keep the interpreter (numpy per program) fast on test shapes.
@@ -335,8 +346,24 @@ def _vocab_splits(cfg: TileConfig, device: torch.device, n_ntiles: int, n_vtiles
         return max(1, min(cfg.vocab_splits, n_vtiles))
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_vtiles, triton.cdiv(2 * sms, n_ntiles)))
+    return max(1, min(n_vtiles, triton.cdiv(2 * _sm_count(device.index), n_ntiles)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: Optional[int]) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
+
+
+def _check_labels(labels: torch.Tensor, valid: torch.Tensor, V: int, ignore_index: int):
+    """Labels outside [0, V) would silently read no target logit. On CUDA an asynchronous device
+    assert (no host sync per call, like torch's own gather); elsewhere a ValueError."""
+    message = f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}"
+    in_range = ~valid | ((labels >= 0) & (labels < V))
+    if labels.device.type == "cuda":
+        torch._assert_async(in_range.all(), message)
+    elif labels.numel() and not bool(in_range.all()):
+        raise ValueError(message)
 
 
 def _merge_splits(stats: torch.Tensor, has_ref: bool, forward_kl: bool):
@@ -384,8 +411,7 @@ class _LinearLogProbKL(torch.autograd.Function):
         rh, rw = _matmul_operands(ref_hidden.detach(), ref_weight.detach()) if has_ref else (h, w)
         labels = labels.to(torch.int64).contiguous()
         valid = labels != ignore_index
-        if N > 0 and bool((valid & ((labels < 0) | (labels >= V))).any()):
-            raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
+        _check_labels(labels, valid, V, ignore_index)
 
         if N == 0:
             tok = torch.zeros((5, 0), device=device, dtype=torch.float32)
@@ -417,6 +443,7 @@ class _LinearLogProbKL(torch.autograd.Function):
         return logp, kl, ref_logp
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_kl, _grad_ref_logp):
         h, w, rh, rw, labels, tok = ctx.saved_tensors
         forward_kl, has_ref, ignore_index, cfg, deterministic, h_dtype, w_dtype = ctx.meta

@@ -207,6 +207,8 @@ def test_public_dispatch_and_label_validation():
     bad[0] = 67
     with pytest.raises(ValueError, match="labels"):
         linear_logprob_kl_triton(hidden, weight, bad)
+    with pytest.raises(ValueError, match="power of two"):
+        TileConfig(block_v=100)
 
 
 def test_cpu_without_interpreter_raises_clear_error():
@@ -222,3 +224,27 @@ def test_cpu_without_interpreter_raises_clear_error():
     env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "raised" in result.stdout, result.stderr
+
+
+def test_no_vocab_sized_tensor_is_created():
+    # Every tensor any torch op produces (forward and backward, host side, including the
+    # interpreter's byte copies of kernel arguments) is smaller than an N x V bf16 slab: the largest
+    # is the fp32 dW buffer (V x D). Kernels themselves only hold on-chip tiles.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n, d, v = 64, 16, 1031
+    sizes = []
+
+    class RecordSizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    sizes.append((t.numel() * t.element_size(), str(func)))
+            return out
+
+    inputs = make_inputs(torch.bfloat16, seed=13, n=n, d=d, d_ref=d, v=v)
+    with RecordSizes():
+        run_triton(*inputs, kl_direction="reverse")
+    nbytes, op = max(sizes)
+    assert nbytes <= 4 * v * d < 2 * n * v, f"{op} produced {nbytes} bytes (bf16 N x V: {2 * n * v})"
