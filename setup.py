@@ -21,6 +21,7 @@ setup(
         "torch>=2.13,<2.15",
         "deepspeed==0.19.8",
         "transformers==5.23.0",
+        "accelerate==1.15.0",  # transformers needs it to load models under ZeRO-3 (zero.Init)
         "datasets==5.2.0",
         "tokenizers>=0.23,<0.24",
         "safetensors>=0.8,<0.9",

@@ -21,7 +21,7 @@ handed to it is therefore multiplied by ``world_size * gradient_accumulation_ste
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -33,9 +33,13 @@ SFT, FORGET, REPLAY, KL = "sft", "forget", "replay", "kl"
 SET_IDS = {SFT: 0, FORGET: 1, REPLAY: 2, KL: 3}
 
 
-@dataclass
-class TokenOutputs:
-    """Per-token results of one micro-batch's forward pass, over its labelled tokens only."""
+class TokenOutputs(NamedTuple):
+    """Per-token results of one micro-batch's forward pass, over its labelled tokens only.
+
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 attaches its backward hooks (which re-gather
+    the parameters the fused op needs again in backward) only to tensors inside tuples, lists
+    and dicts returned by a module's forward.
+    """
 
     logp: torch.Tensor                 # (N,) policy target log-prob, differentiable
     kl: torch.Tensor                   # (N,) KL to the reference (0 where not computed)

@@ -96,8 +96,7 @@ def test_global_normalisation_splits_exactly():
     g_full = torch.autograd.grad(loss_full, (logp, kl))
     # Split: rank A gets tokens 0..3 (rows 0,1), rank B the rest; each scaled by world=2 and
     # averaged, as DeepSpeed does.
-    a = _outputs(logp[:4], kl[:4], [0, 0, 0, 1], [f, f])
-    a.row_set = torch.tensor(row_sets)
+    a = _outputs(logp[:4], kl[:4], [0, 0, 0, 1], row_sets)
     b = _outputs(logp[4:], kl[4:], [2, 2, 3, 4, 4], row_sets)
     la, _ = obj.loss(a, counts, scale=2.0)
     lb, _ = obj.loss(b, counts, scale=2.0)
