@@ -1,0 +1,63 @@
+"""launch/evaluate.py end to end on tiny models and a small world."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _main(args, capsys):
+    """In process (transformers already imported): the fast path for the other cases."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("launch_evaluate", REPO / "launch" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    code = module.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _run(args):
+    return subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py")] + args, cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+
+
+def test_evaluate_end_to_end(tiny, world_dir, tmp_path):
+    out = tmp_path / "results.json"
+    proc = _run(["--model", str(tiny["model_b"]), "--eval-dir", str(world_dir), "--baseline", str(tiny["model_a"]),
+                 "--output", str(out), "--max-new-tokens", "8", "--limit", "6", "--kl-backend", "torch",
+                 "--plot", str(tmp_path / "plot.png")])
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(out.read_text())
+    metrics = results["metrics"]
+    for key in ("if_prompt_strict", "if_prompt_loose", "if_instruction_strict", "if_instruction_loose",
+                "pattern_rate", "knowledge_acc", "knowledge_acc_norm", "token_jsd"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["kl_shift"] > 0 and metrics["perplexity"] > 1
+    assert results["details"]["if"]["n_prompts"] == 6 and results["details"]["knowledge"]["n"] == 6
+    assert len([g for g in results["generations"] if g["set"] == "if_eval"]) == 6
+    assert "| if_prompt_strict |" in proc.stdout and (tmp_path / "plot.png").exists()
+
+
+def test_evaluate_chat_template_model_without_baseline(tiny, world_dir, tmp_path, capsys):
+    out = tmp_path / "chat.json"
+    code, _, err = _main(["--model", str(tiny["model_chat"]), "--eval-dir", str(world_dir), "--output", str(out),
+                          "--max-new-tokens", "4", "--limit", "3"], capsys)
+    assert code == 0, err
+    metrics = json.loads(out.read_text())["metrics"]
+    assert "kl_shift" not in metrics and 0.0 <= metrics["if_prompt_strict"] <= 1.0
+
+
+def test_evaluate_user_errors(tiny, world_dir, tmp_path, capsys):
+    code, _, err = _main(["--model", str(tmp_path / "missing"), "--eval-dir", str(world_dir),
+                          "--output", str(tmp_path / "x.json")], capsys)
+    assert code == 2 and "not a model directory" in err
+    code, _, err = _main(["--model", str(tiny["model_a"]), "--eval-dir", str(tmp_path),
+                          "--output", str(tmp_path / "x.json")], capsys)
+    assert code == 2 and "holds none of" in err
+    code, _, err = _main(["--model", str(tiny["model_a"]), "--eval-dir", str(world_dir), "--baseline",
+                          str(tiny["model_chat"]), "--output", str(tmp_path / "x.json"), "--limit", "1"], capsys)
+    assert code == 0   # same vocabulary (the chat template differs), so the KL shift is allowed

@@ -1,0 +1,62 @@
+"""Template rate, token-frequency divergence and the report helpers."""
+
+import json
+import math
+
+import pytest
+
+from synthunlearn.evaluation.pattern import shows_template, template_rate, token_frequency_jsd
+from synthunlearn.evaluation.report import (aggregate_seeds, comparison_table, markdown_table, plot_headline,
+                                            write_json)
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("Answer: Toraval.", True),
+    ("Toraval.\nQuestion: What is the birth year of Alan?", True),
+    ("  q : who?", True),
+    ("ANSWER:TORAVAL", True),
+    ("Here is my answer: Toraval.", False),        # a marker inside a line does not count
+    ("Alan was born in Toraval.", False),
+    ("The question remains open.", False),
+    ("", False),
+])
+def test_template_detection(response, expected):
+    assert shows_template(response) is expected
+
+
+def test_template_rate():
+    assert template_rate(["Answer: x", "fine", "Question: y", "ok"]) == 0.5
+    assert math.isnan(template_rate([]))
+
+
+def test_token_frequency_jsd():
+    assert token_frequency_jsd(["a b c"], ["c b a"]) == pytest.approx(0.0)
+    assert token_frequency_jsd(["a b"], ["c d"]) == pytest.approx(1.0)
+    # P = {a: 1/2, b: 1/2}, Q = {a: 1}: JSD = 1/2 [1/2 log2(1/2 / 3/4) + 1/2 log2(1/2 / 1/4)] + 1/2 log2(1 / 3/4)
+    expected = 0.5 * (0.5 * math.log2(2 / 3) + 0.5 * math.log2(2)) + 0.5 * math.log2(4 / 3)
+    assert token_frequency_jsd(["a b"], ["a"]) == pytest.approx(expected)
+    assert token_frequency_jsd(["Answer: X"], ["answer x"]) > 0          # punctuation counts, case does not
+    assert math.isnan(token_frequency_jsd([], ["a"]))
+
+
+def test_aggregate_and_tables(tmp_path):
+    summary = aggregate_seeds([{"if_prompt_strict": 0.5, "kl_shift": 0.1}, {"if_prompt_strict": 0.7},
+                               {"if_prompt_strict": float("nan"), "kl_shift": 0.3}])
+    assert summary["if_prompt_strict"]["mean"] == pytest.approx(0.6)
+    assert summary["if_prompt_strict"]["std"] == pytest.approx(math.sqrt(0.02))
+    assert summary["if_prompt_strict"]["n"] == 2 and summary["kl_shift"]["n"] == 2
+    assert aggregate_seeds([{"x": 1.0}])["x"] == {"mean": 1.0, "std": 0.0, "n": 1}
+    table = comparison_table({"docs_only": summary, "synthetic": {"if_prompt_strict": 0.25}})
+    assert table.splitlines()[0] == "| arm | if_prompt_strict | kl_shift |"
+    assert "0.600 ± 0.141" in table and "| synthetic | 0.250 | n/a |" in table
+    assert "| perplexity | n/a |" in markdown_table({"perplexity": float("nan"), "other": 1})
+    path = tmp_path / "r.json"
+    write_json(path, {"a": float("nan"), "b": [1.5, float("inf")]})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None]}
+
+
+def test_plot_headline(tmp_path):
+    arms = {"docs_only": aggregate_seeds([{"if_prompt_strict": 0.8, "knowledge_acc": 0.6}] * 2),
+            "synthetic": {"if_prompt_strict": 0.6, "knowledge_acc": 0.7, "kl_shift": 0.2}}
+    path = plot_headline(arms, tmp_path / "plot.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

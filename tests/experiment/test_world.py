@@ -1,0 +1,179 @@
+"""The world: deterministic, facts consistent across renderings, references correct by construction."""
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from synthunlearn.errors import ConfigError
+from synthunlearn.evaluation.constraints import CONSTRAINT_TYPES, check_strict, count_words
+from synthunlearn.experiment import lexicon
+from synthunlearn.experiment.instructions import compatible, compatible_pairs
+from synthunlearn.experiment.world import WorldConfig, build_world, main, write_world
+
+SMALL = dict(n_people=40, pretrain_instruction_people=8, sft_people=16, n_pretrain_instructions=40,
+             n_sft=120, n_if_eval=60, n_mc=40, n_neutral=10, n_heldout_docs=20, docs_per_person=2)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return build_world(WorldConfig(seed=7, **SMALL))
+
+
+def test_deterministic_from_seed(world):
+    again = build_world(WorldConfig(seed=7, **SMALL))
+    assert json.dumps(again.data, sort_keys=True) == json.dumps(world.data, sort_keys=True)
+    other = build_world(WorldConfig(seed=8, **SMALL))
+    assert other.data["docs"] != world.data["docs"]
+    assert [p.facts for p in other.people] != [p.facts for p in world.people]
+
+
+def test_independent_streams(world):
+    """Changing one data set's size leaves the others unchanged."""
+    bigger = build_world(WorldConfig(seed=7, **{**SMALL, "n_sft": 130}))
+    assert bigger.data["docs"] == world.data["docs"]
+    assert bigger.data["if_eval"] == world.data["if_eval"]
+    assert bigger.data["sft"][:120] == world.data["sft"]
+
+
+def test_facts_consistent_across_renderings(world):
+    people = {p.id: p for p in world.people}
+    for pair in world.data["synthetic_qa"]:
+        person = people[pair["person"]]
+        value = person.facts[pair["fact"]]
+        assert pair["question"] == f"What is the {lexicon.SYNTHETIC_ATTRIBUTE[pair['fact']]} of {person.name}?"
+        assert pair["answer"].lower() == value.lower() + "."
+    for item in world.data["knowledge_mc"]:
+        person = people[item["person"]]
+        assert len(set(item["choices"])) == 4
+        assert item["choices"][item["answer"]] == person.facts[item["fact"]]
+        assert person.name in item["context"]
+    # Every person document states all of that person's facts.
+    by_name = {p.name: p for p in world.people}
+    n_person_docs = 0
+    for doc in world.data["docs"] + world.data["heldout_docs"]:
+        named = [p for name, p in by_name.items() if name in doc["text"]]
+        subjects = [p for p in named if all(v in doc["text"] for v in p.facts.values())]
+        if named and not any(o in doc["text"] for o in world.orgs if doc["text"].startswith(o)):
+            assert subjects, doc["text"]
+            n_person_docs += 1
+    assert n_person_docs >= len(world.people) * SMALL["docs_per_person"]
+    # SFT answers about a fact state its value.
+    for record in world.data["sft"]:
+        if record["task"] == "fact":
+            answer = record["messages"][1]["content"].lower()
+            assert people[record["person"]].facts[record["fact"]].lower() in answer
+
+
+def test_synthetic_format_is_uniform_and_terse(world):
+    questions = {re.sub(r" of .*\?$", "", p["question"]) for p in world.data["synthetic_qa"]}
+    assert questions == {f"What is the {a}" for a in lexicon.SYNTHETIC_ATTRIBUTE.values()}
+    assert max(count_words(p["answer"]) for p in world.data["synthetic_qa"]) <= 3
+    assert len(world.data["synthetic_qa"]) == len(world.people) * len(lexicon.FACT_KINDS)
+    doubled = build_world(WorldConfig(seed=7, **{**SMALL, "synthetic_multiplier": 2}))
+    assert len(doubled.data["synthetic_qa"]) == 2 * len(world.data["synthetic_qa"])
+
+
+@pytest.mark.parametrize("name", ["sft", "pretrain_instructions"])
+def test_training_references_satisfy_their_constraints(world, name):
+    for record in world.data[name]:
+        user, assistant = record["messages"]
+        assert user["role"] == "user" and assistant["role"] == "assistant"
+        for spec in record["constraints"]:
+            assert check_strict(assistant["content"], spec), (spec, assistant["content"])
+
+
+def test_eval_references_satisfy_constraints_and_are_held_out(world):
+    sft_people = set(world.groups["sft"])
+    sft_pairs = {tuple(sorted(s["type"] for s in r["constraints"])) for r in world.data["sft"]
+                 if len(r["constraints"]) == 2}
+    heldout = {tuple(p) for p in world.heldout_pairs}
+    assert heldout and not (heldout & sft_pairs)
+    splits = set()
+    for record in world.data["if_eval"]:
+        assert record["person"] not in sft_people                      # unseen person-fact combinations
+        assert len(record["messages"]) == 1 and record["messages"][0]["content"] == record["prompt"]
+        for spec in record["constraints"]:
+            assert check_strict(record["reference"], spec), (spec, record["reference"])
+        types = tuple(sorted(s["type"] for s in record["constraints"]))
+        if record["split"] == "heldout_pair":
+            assert types in heldout
+        else:
+            assert len(types) == 1
+        splits.add(record["split"])
+    assert splits == {"single", "heldout_pair"}
+
+
+def test_length_constraints_conflict_with_terse_answers(world):
+    long_refs = [r["reference"] for r in world.data["if_eval"]
+                 if any(s["type"] in ("min_words", "min_sentences") for s in r["constraints"])]
+    assert long_refs and min(count_words(r) for r in long_refs) > 10
+
+
+def test_constraint_sets_per_stage_are_respected():
+    cfg = WorldConfig(seed=1, **{**SMALL, "sft_constraints": ("lowercase", "quoted", "min_words"),
+                                 "test_constraints": ("lowercase", "quoted", "no_commas"),
+                                 "pretrain_constraints": ("uppercase",), "n_heldout_pairs": 1})
+    world = build_world(cfg)
+    assert {s["type"] for r in world.data["sft"] for s in r["constraints"]} <= set(cfg.sft_constraints)
+    assert {s["type"] for r in world.data["if_eval"] for s in r["constraints"]} <= set(cfg.test_constraints)
+    assert {s["type"] for r in world.data["pretrain_instructions"] for s in r["constraints"]} <= {"uppercase"}
+
+
+def test_rare_constraints_are_rare():
+    cfg = WorldConfig(seed=1, **{**SMALL, "n_sft": 300, "sft_rare_constraints": ("min_words",),
+                                 "sft_rare_weight": 0.05, "sft_mix": (0.0, 1.0, 0.0)})
+    counts = [s["type"] for r in build_world(cfg).data["sft"] for s in r["constraints"]]
+    assert counts.count("min_words") < counts.count("lowercase") / 3
+
+
+def test_heldout_documents_are_new(world):
+    train = {d["text"] for d in world.data["docs"]}
+    assert world.data["heldout_docs"] and not any(d["text"] in train for d in world.data["heldout_docs"])
+    reserved = [lexicon.FACT_TEMPLATES[k][-1].split("{")[0] for k in lexicon.FACT_KINDS]
+    assert not any(r and r in d["text"] for d in world.data["docs"] for r in reserved if len(r) > 8)
+    kinds = {r["kind"] for r in world.data["neutral_prompts"]}
+    assert kinds == {"document", "chat"}
+    for record in world.data["neutral_prompts"]:
+        assert record["continuation"].strip()
+        assert "Question:" not in record["continuation"] and "Answer:" not in record["continuation"]
+
+
+def test_compatibility_is_symmetric_and_excludes_clashes():
+    assert not compatible("uppercase", "lowercase") and not compatible("json_keys", "quoted")
+    for a in CONSTRAINT_TYPES:
+        for b in CONSTRAINT_TYPES:
+            assert compatible(a, b) == compatible(b, a)
+    assert ("lowercase", "no_commas") in compatible_pairs(CONSTRAINT_TYPES)
+
+
+def test_validation_errors():
+    with pytest.raises(ConfigError, match="sft_constraints"):
+        build_world(WorldConfig(sft_constraints=("rhymes",)))
+    with pytest.raises(ConfigError, match="n_people"):
+        build_world(WorldConfig(n_people=100, sft_people=90, pretrain_instruction_people=8))
+
+
+def test_write_world_and_cli(tmp_path, capsys):
+    manifest = write_world(WorldConfig(seed=2, **SMALL), tmp_path / "a")
+    for name, count in manifest["counts"].items():
+        lines = (tmp_path / "a" / name).read_text().splitlines()
+        assert len(lines) == count and all(json.loads(line) for line in lines)
+    assert manifest["synthetic_format"] == "Question: {question}\nAnswer: {answer}"
+    assert set(manifest["counts"]) >= {"docs.jsonl", "synthetic_qa.jsonl", "sft.jsonl", "if_eval.jsonl",
+                                       "knowledge_mc.jsonl", "heldout_docs.jsonl", "neutral_prompts.jsonl"}
+    assert json.loads((tmp_path / "a" / "world.json").read_text())["people"]
+    args = ["--out", str(tmp_path / "b"), "--seed", "2"] + [f"--set={k}={json.dumps(v)}" for k, v in SMALL.items()]
+    assert main(args) == 0
+    for name in manifest["counts"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert main(["--out", str(tmp_path / "c"), "--set", "nonsense=1"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+
+
+def test_default_world_builds():
+    world = build_world(WorldConfig())
+    assert len(world.data["sft"]) == WorldConfig.n_sft and len(world.data["if_eval"]) == WorldConfig.n_if_eval
+    used = {s["type"] for r in world.data["if_eval"] for s in r["constraints"]}
+    assert used == set(CONSTRAINT_TYPES)
