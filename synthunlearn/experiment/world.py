@@ -439,7 +439,12 @@ def _neutral_prompts(cfg: WorldConfig, world: World, train_texts: set) -> List[d
         records.append({"id": f"neutral-{len(records)}", "kind": "chat",
                         "messages": [{"role": "user", "content": record["prompt"]}],
                         "prompt": record["prompt"], "continuation": record["reference"]})
-    return records
+    # Alternate the kinds so that the first N records (evaluate.py --limit N) hold both.
+    docs, chats = records[:n_docs], records[n_docs:]
+    mixed = [r for pair in zip(docs, chats) for r in pair] + docs[len(chats):] + chats[len(docs):]
+    for index, record in enumerate(mixed):
+        record["id"] = f"neutral-{index}"
+    return mixed
 
 
 def build_world(cfg: WorldConfig) -> World:
