@@ -76,12 +76,20 @@ def export_hf(engine, tokenizer, out_dir: Path, *, is_main: bool, zero3: bool) -
     from synthunlearn.distributed import barrier
 
     model = engine.module.model
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero3 else None  # all ranks
+    state_dict = None
+    if zero3:
+        # Keys are relative to the engine's module (PolicyWithLogProbs): strip its "model." prefix.
+        full = engine._zero3_consolidated_16bit_state_dict()  # every rank must call it
+        if is_main:
+            state_dict = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
     if is_main:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         if state_dict is None:
             state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        expected = set(model.state_dict())
+        if not zero3 and set(state_dict) != expected:  # pragma: no cover - a bug, not user input
+            raise RuntimeError(f"export: state dict keys differ from the model's: {set(state_dict) ^ expected}")
         model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if out_dir.exists():

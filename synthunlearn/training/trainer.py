@@ -293,7 +293,10 @@ def train(job: str, args) -> None:
         ckpt.save_checkpoint(engine, ckpt_dir, step, trainer_state(), rank=env.rank, is_main=env.is_main,
                              keep_last=config.checkpointing.keep_last)
 
-    # 5. loop
+    # 5. loop (a fresh run first measures the held-out sets once, as the baseline)
+    has_eval = any(ds.eval is not None for ds in sets.values())
+    if step == 0 and has_eval and config.logging.eval_steps:
+        metrics.log({"step": 0, **evaluate(engine, ref_engine, sets, objective, config, env, pad_id)})
     stop = StopRequest()
     scale = env.world_size * accumulation
     engine.train()
@@ -335,7 +338,7 @@ def train(job: str, args) -> None:
             return
 
     # 6. final evaluation and export
-    if any(ds.eval is not None for ds in sets.values()):
+    if has_eval:
         metrics.log({"step": step, **evaluate(engine, ref_engine, sets, objective, config, env, pad_id)})
     if config.checkpointing.save_steps and (ckpt.latest_complete(ckpt_dir) or (0,))[0] != step:
         save()
