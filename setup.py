@@ -30,6 +30,7 @@ setup(
         "tqdm>=4.70,<5",
         "pyyaml>=6.0,<7",
         "numpy>=2.0,<3",
+        "matplotlib==3.11.2",  # the evaluation report's headline plot
     ],
     extras_require={
         "dev": [
