@@ -216,6 +216,12 @@ def _convert(value: Any, tp, key: str, source: str):
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise _bad_value(key, value, tp, source)
     if tp is str:
         if isinstance(value, str):

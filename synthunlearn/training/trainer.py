@@ -229,12 +229,14 @@ class StopRequest:
 # ---------------------------------------------------------------------------------------------
 
 def train(job: str, args) -> None:
+    # Cheap checks first: a bad config fails in seconds, before any process group exists.
+    config = load_config(args.config, args.overrides)
+    ds_user = read_deepspeed_json(args.deepspeed_config)
     env = init_distributed(args.local_rank)
+    stop = StopRequest()  # from the start: a signal during set-up must not kill the job uncleanly
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    config = load_config(args.config, args.overrides)
     torch.manual_seed(config.optimisation.seed)
-    ds_user = read_deepspeed_json(args.deepspeed_config)
     out = Path(args.output_dir)
     run_record = {"job": job, "world_size": env.world_size, "config": to_dict(config),
                   "deepspeed": ds_user}
@@ -297,7 +299,6 @@ def train(job: str, args) -> None:
     has_eval = any(ds.eval is not None for ds in sets.values())
     if step == 0 and has_eval and config.logging.eval_steps:
         metrics.log({"step": 0, **evaluate(engine, ref_engine, sets, objective, config, env, pad_id)})
-    stop = StopRequest()
     scale = env.world_size * accumulation
     engine.train()
     while step < total_steps:
@@ -334,6 +335,8 @@ def train(job: str, args) -> None:
             if not (config.checkpointing.save_steps and step % config.checkpointing.save_steps == 0):
                 save()
             log.warning("stopped at step %d after a checkpoint; rerun the same command to resume", step)
+            if env.is_main:  # tells launch/slurm/job.sh "exited 0 but not finished": requeue
+                (out / "STOPPED").write_text(json.dumps({"step": step}) + "\n")
             metrics.close()
             return
 
@@ -346,6 +349,8 @@ def train(job: str, args) -> None:
         from synthunlearn.modeling import export_hf
         export_hf(engine, tokenizer, out / "final", is_main=env.is_main, zero3=zero3)
     metrics.close()
+    if env.is_main:  # a marker from an earlier, stopped run of this directory no longer applies
+        (out / "STOPPED").unlink(missing_ok=True)
     log.info("done: %d steps; model in %s", step, out / "final")
 
 

@@ -1,0 +1,89 @@
+"""A run killed after a checkpoint and started again with the same command ends with the weights of
+an uninterrupted run; SIGTERM makes the trainer checkpoint and exit 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from tests.launcher import REPO, deepspeed_cmd, read_metrics, run_job, test_env
+
+ARGS = ["--max-steps", "24", "--save-steps", "4", "--deepspeed-config", "configs/deepspeed/zero2.json",
+        "optimisation.gradient_accumulation_steps=2", "logging.progress_bar=false", "logging.eval_steps=0",
+        "data.forget.eval_path=null", "data.replay.eval_path=null"]
+
+
+def _start(out, extra=()):
+    return subprocess.Popen(deepspeed_cmd("unlearn", 2, ["--output-dir", str(out), *ARGS, *extra]), cwd=REPO,
+                            env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(path, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.05)
+
+
+def _weights(out):
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def test_kill_resume_matches_uninterrupted(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    run_job("unlearn", ["--output-dir", str(reference), *ARGS])
+
+    interrupted = tmp_path / "interrupted"
+    proc = _start(interrupted)
+    _wait_for(interrupted / "checkpoints" / "global_step8" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up, as in a node failure
+    proc.wait()
+    assert not (interrupted / "final").exists()
+    resumed = run_job("unlearn", ["--output-dir", str(interrupted), *ARGS])
+    assert "resumed from" in resumed.stderr + resumed.stdout
+
+    got, want = _weights(interrupted), _weights(reference)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+    # the metrics file describes one run: each step once
+    steps = [m["step"] for m in read_metrics(interrupted) if "loss" in m]
+    assert steps == list(range(1, 25))
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+    out = tmp_path / "signalled"
+    proc = _start(out, ["--save-steps", "0", "--max-steps", "100000"])
+    _wait_for(out / "metrics.jsonl", proc)
+    time.sleep(2.0)
+    # what SLURM does before a time limit: signal every task
+    for child in _rank_pids(proc.pid):
+        os.kill(child, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, output[-4000:]
+    saved = sorted((out / "checkpoints").glob("global_step*/COMPLETE"))
+    assert len(saved) == 1, output[-4000:]
+    assert not (out / "final").exists()
+    # rerunning with a smaller step budget resumes from there and finishes immediately
+    step = int(saved[0].read_text())
+    rerun = run_job("unlearn", ["--output-dir", str(out), *ARGS, "--save-steps", "0", "--max-steps", str(step)])
+    assert f"global_step{step}" in rerun.stderr + rerun.stdout
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def _rank_pids(launcher_pid: int) -> list[int]:
+    """The training processes (children of the deepspeed launcher tree) running launch/unlearn.py."""
+    out = subprocess.run(["ps", "-eo", "pid,pgid,args"], capture_output=True, text=True).stdout
+    pids = []
+    for line in out.splitlines()[1:]:
+        pid, pgid, args = line.split(None, 2)
+        if int(pgid) == launcher_pid and "launch/unlearn.py" in args and "--local_rank" in args:
+            pids.append(int(pid))
+    assert pids, out
+    return pids
