@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_env() -> dict:
+def job_env() -> dict:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env.setdefault("SYNTHUNLEARN_CACHE", str(REPO / ".cache" / "synthunlearn"))
@@ -44,7 +44,7 @@ def run_job(job: str, args: list[str], *, nprocs: int = 2, timeout: int = 300, c
     """Runs a launcher; ``python=True`` runs a single plain python process instead of deepspeed."""
     cmd = ([sys.executable, str(REPO / "launch" / f"{job}.py"), *args] if python
            else deepspeed_cmd(job, nprocs, args))
-    proc = subprocess.run(cmd, cwd=REPO, env=test_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
                              f"\n--- stderr ---\n{proc.stderr[-6000:]}")

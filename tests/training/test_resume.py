@@ -11,7 +11,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from tests.launcher import REPO, deepspeed_cmd, read_metrics, run_job, test_env
+from tests.launcher import REPO, deepspeed_cmd, job_env, read_metrics, run_job
 
 ARGS = ["--max-steps", "24", "--save-steps", "4", "--deepspeed-config", "configs/deepspeed/zero2.json",
         "optimisation.gradient_accumulation_steps=2", "logging.progress_bar=false", "logging.eval_steps=0",
@@ -20,7 +20,7 @@ ARGS = ["--max-steps", "24", "--save-steps", "4", "--deepspeed-config", "configs
 
 def _start(out, extra=()):
     return subprocess.Popen(deepspeed_cmd("unlearn", 2, ["--output-dir", str(out), *ARGS, *extra]), cwd=REPO,
-                            env=test_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 
@@ -79,7 +79,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
 
 def _rank_pids(launcher_pid: int) -> list[int]:
     """The training processes (children of the deepspeed launcher tree) running launch/unlearn.py."""
-    out = subprocess.run(["ps", "-eo", "pid,pgid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,pgid,args"], capture_output=True, text=True).stdout
     pids = []
     for line in out.splitlines()[1:]:
         pid, pgid, args = line.split(None, 2)

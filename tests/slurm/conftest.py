@@ -1,0 +1,16 @@
+import pytest
+
+from tests.slurm import cluster as _cluster
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A running single-node cluster, installed and started on first use; skips with the reason
+    when that is impossible here (not root, no apt-get, no package mirror). Daemons this session
+    started are stopped at its end; a cluster that was already running is left as it was."""
+    c, reason, started = _cluster.start()
+    if c is None:
+        pytest.skip(f"no SLURM cluster: {reason}")
+    yield c
+    if started:
+        _cluster.stop()
