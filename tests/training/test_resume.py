@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,6 +17,23 @@ from tests.launcher import REPO, deepspeed_cmd, job_env, read_metrics, run_job
 ARGS = ["--max-steps", "24", "--save-steps", "4", "--deepspeed-config", "configs/deepspeed/zero2.json",
         "optimisation.gradient_accumulation_steps=2", "logging.progress_bar=false", "logging.eval_steps=0",
         "data.forget.eval_path=null", "data.replay.eval_path=null"]
+
+
+@pytest.fixture
+def started():
+    """Starts runs in their own process group and kills whatever is left when the test ends."""
+    procs = []
+
+    def start(out, extra=()):
+        proc = _start(out, extra)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def _start(out, extra=()):
@@ -36,12 +54,12 @@ def _weights(out):
     return load_file(str(out / "final" / "model.safetensors"))
 
 
-def test_kill_resume_matches_uninterrupted(tmp_path):
+def test_kill_resume_matches_uninterrupted(tmp_path, started):
     reference = tmp_path / "uninterrupted"
     run_job("unlearn", ["--output-dir", str(reference), *ARGS])
 
     interrupted = tmp_path / "interrupted"
-    proc = _start(interrupted)
+    proc = started(interrupted)
     _wait_for(interrupted / "checkpoints" / "global_step8" / "COMPLETE", proc)
     os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up, as in a node failure
     proc.wait()
@@ -57,9 +75,9 @@ def test_kill_resume_matches_uninterrupted(tmp_path):
     assert steps == list(range(1, 25))
 
 
-def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+def test_sigterm_checkpoints_and_exits_zero(tmp_path, started):
     out = tmp_path / "signalled"
-    proc = _start(out, ["--save-steps", "0", "--max-steps", "100000"])
+    proc = started(out, ["--save-steps", "0", "--max-steps", "100000"])
     _wait_for(out / "metrics.jsonl", proc)
     time.sleep(2.0)
     # what SLURM does before a time limit: signal every task
