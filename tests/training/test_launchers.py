@@ -41,10 +41,15 @@ def test_ten_steps_export_a_loadable_model(job, stage, tmp_path):
         assert evals[-1]["eval/sft_nll"] < evals[0]["eval/sft_nll"] - 0.3, "SFT must lower held-out NLL"
 
 
-def test_plain_python_single_process(tmp_path):
+def test_plain_python_single_process_bf16_checkpointing_packing(tmp_path):
     out = tmp_path / "single"
-    run_job("sft", ["--output-dir", str(out), "--max-steps", "2", *QUIET], python=True)
+    run_job("unlearn", ["--output-dir", str(out), "--max-steps", "2", "model.dtype=bf16",
+                        "model.gradient_checkpointing=true", "data.packing=true", "logging.csv=true", *QUIET],
+            python=True)
     assert (out / "final" / "model.safetensors").is_file()
+    steps = [m for m in read_metrics(out) if "loss" in m]
+    assert len(steps) == 2 and all(m["loss"] is not None for m in steps)
+    assert list((out / "monitor" / "csv").glob("*.csv")), "DeepSpeed's CSV monitor wrote nothing"
 
 
 def test_user_error_is_one_line_without_traceback(tmp_path):
