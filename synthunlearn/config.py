@@ -125,6 +125,9 @@ class OptimisationConfig:
     max_steps: Optional[int] = 100
     epochs: Optional[float] = None
     seed: int = 0
+    # A step whose gradients are not finite is never applied (DeepSpeed's ZeRO optimizers discard
+    # it). "skip": count it, warn, go on. "stop": checkpoint the last good state and exit.
+    on_nonfinite: Literal["skip", "stop"] = "skip"
 
 
 @dataclass

@@ -15,3 +15,11 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """An unreadable or invalid data file or record."""
+
+
+class NonFiniteError(UserError):
+    """Training produced non-finite loss or gradients and the policy says stop (after a checkpoint).
+
+    Reported like a user error (one line, exit 2): the cause is the data or the hyper-parameters,
+    and the message says where the last good state was saved.
+    """

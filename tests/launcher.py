@@ -40,11 +40,11 @@ def _port() -> int:
 
 
 def run_job(job: str, args: list[str], *, nprocs: int = 2, timeout: int = 300, check: bool = True,
-            python: bool = False) -> subprocess.CompletedProcess:
+            python: bool = False, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs a launcher; ``python=True`` runs a single plain python process instead of deepspeed."""
     cmd = ([sys.executable, str(REPO / "launch" / f"{job}.py"), *args] if python
            else deepspeed_cmd(job, nprocs, args))
-    proc = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env={**job_env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
                              f"\n--- stderr ---\n{proc.stderr[-6000:]}")

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -27,7 +28,7 @@ import torch
 
 from synthunlearn.config import RunConfig, load_config, to_dict
 from synthunlearn.distributed import DistEnv, all_reduce_max, all_reduce_sum, barrier, init_distributed
-from synthunlearn.errors import UserError
+from synthunlearn.errors import NonFiniteError, UserError
 from synthunlearn.objectives.objective import FORGET, KL, SET_IDS, Objective
 from synthunlearn.training import checkpoint as ckpt
 from synthunlearn.training.batches import build_sets, eval_micro_batches, next_micro_batch
@@ -261,6 +262,10 @@ def train(job: str, args) -> None:
     ds_config = build_policy_config(ds_user, args.deepspeed_config, config,
                                     micro_batch_size=primary.micro_batch_size, world_size=env.world_size,
                                     monitor_dir=str(out / "monitor"))
+    if zero_stage(ds_config) == 0:
+        # Only the ZeRO optimizers discard a step with non-finite gradients.
+        raise UserError(f"{args.deepspeed_config}: ZeRO stage 0 does not detect non-finite gradients; use "
+                        "configs/deepspeed/zero1.json or higher")
     if env.is_main:
         for name, ds in sets.items():
             log.info("data %s: %s", name, ds.train.stats)
@@ -292,8 +297,12 @@ def train(job: str, args) -> None:
                 "torch_rng": torch.get_rng_state()}
 
     def save() -> None:
+        assert_finite_weights(engine, env)
         ckpt.save_checkpoint(engine, ckpt_dir, step, trainer_state(), rank=env.rank, is_main=env.is_main,
                              keep_last=config.checkpointing.keep_last)
+
+    skipped = engine.skipped_steps
+    inject_nonfinite = _fault_injection_steps()
 
     # 5. loop (a fresh run first measures the held-out sets once, as the baseline)
     has_eval = any(ds.eval is not None for ds in sets.values())
@@ -315,18 +324,29 @@ def train(job: str, args) -> None:
             with reference_head(ref_engine) as ref_w:
                 outputs = forward_micro_batch(engine, ref_engine, mb, objective, ref_w, env.device)
                 loss, term_sums = objective.loss(outputs, global_counts, scale)
+                if step + 1 in inject_nonfinite and env.is_main:
+                    loss = loss * float("nan")
                 engine.backward(loss)
             engine.step()
             for k, v in term_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         step += 1
-
+        if not engine.was_step_applied():
+            skipped += 1
+            log.warning("step %d: non-finite gradients; the update was not applied (%d skipped so far)",
+                        step, skipped)
         record = _step_record(objective, sums, global_counts, env, engine, step, lr, tokens_seen,
                               time.perf_counter() - t0)
+        record["skipped_steps"] = skipped
         if step % config.logging.log_steps == 0 or step == total_steps:
             metrics.log(record)
         else:
             metrics.advance(record)
+        if not engine.was_step_applied() and config.optimisation.on_nonfinite == "stop":
+            save()
+            metrics.close()
+            raise NonFiniteError(f"step {step}: non-finite loss or gradients (optimisation.on_nonfinite"
+                                 f"=stop); the last good weights are checkpointed in {ckpt_dir / ckpt.tag_for(step)}")
         if config.logging.eval_steps and step % config.logging.eval_steps == 0 and step < total_steps:
             metrics.log({"step": step, **evaluate(engine, ref_engine, sets, objective, config, env, pad_id)})
         if config.checkpointing.save_steps and step % config.checkpointing.save_steps == 0:
@@ -347,11 +367,34 @@ def train(job: str, args) -> None:
         save()
     if config.checkpointing.export_final:
         from synthunlearn.modeling import export_hf
+        assert_finite_weights(engine, env)
         export_hf(engine, tokenizer, out / "final", is_main=env.is_main, zero3=zero3)
     metrics.close()
     if env.is_main:  # a marker from an earlier, stopped run of this directory no longer applies
         (out / "STOPPED").unlink(missing_ok=True)
     log.info("done: %d steps; model in %s", step, out / "final")
+
+
+def assert_finite_weights(engine, env: DistEnv) -> None:
+    """Refuses to write non-finite weights (every rank checks its own partition)."""
+    bad = 0.0
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", p)  # ZeRO-3 keeps the rank's partition in ds_tensor
+        if local.numel() and not bool(torch.isfinite(local).all()):
+            bad = 1.0
+            break
+    if all_reduce_max(bad, env.device) > 0:
+        raise RuntimeError("refusing to save: the model has non-finite weights (a bug: such steps "
+                           "should have been discarded)")
+
+
+def _fault_injection_steps() -> set[int]:
+    """Steps whose loss is made NaN on rank 0, for testing the non-finite policy end to end.
+
+    Set only by tests: SYNTHUNLEARN_TEST_NONFINITE_STEPS="3,7".
+    """
+    raw = os.environ.get("SYNTHUNLEARN_TEST_NONFINITE_STEPS", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
 
 
 def _step_record(objective: Objective, sums: dict, counts: dict, env: DistEnv, engine, step: int,

@@ -105,3 +105,25 @@ def _rank_pids(launcher_pid: int) -> list[int]:
             pids.append(int(pid))
     assert pids, out
     return pids
+
+
+def test_nonfinite_steps_are_skipped_or_stop_with_a_checkpoint(tmp_path):
+    import json
+
+    env_extra = {"SYNTHUNLEARN_TEST_NONFINITE_STEPS": "3"}
+    out = tmp_path / "skip"
+    run_job("unlearn", ["--output-dir", str(out), "--max-steps", "5", "logging.progress_bar=false",
+                        "logging.eval_steps=0", "checkpointing.save_steps=0"], python=True, extra_env=env_extra)
+    steps = {m["step"]: m for m in read_metrics(out) if "loss" in m}
+    assert steps[2]["skipped_steps"] == 0 and steps[3]["skipped_steps"] == 1 and steps[5]["skipped_steps"] == 1
+    weights = _weights(out)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+    out = tmp_path / "stop"
+    proc = run_job("unlearn", ["--output-dir", str(out), "--max-steps", "5", "logging.progress_bar=false",
+                               "logging.eval_steps=0", "checkpointing.save_steps=0",
+                               "optimisation.on_nonfinite=stop"], python=True, extra_env=env_extra, check=False)
+    assert proc.returncode == 2 and "non-finite" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "checkpoints" / "global_step3" / "COMPLETE").is_file()
+    assert not (out / "final").exists()
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
