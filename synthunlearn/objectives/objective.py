@@ -21,7 +21,7 @@ handed to it is therefore multiplied by ``world_size * gradient_accumulation_ste
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -167,16 +167,3 @@ class Objective:
             unit = self.forget_unit()
             units.update({"forget_loss": unit, "forget_at_bound": unit, "forget_overshoot": unit})
         return units
-
-
-def unit_count_keys() -> list[str]:
-    return [f"{name}_{kind}" for name in SET_IDS for kind in ("tokens", "seqs")]
-
-
-def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Targets aligned with the hidden state that predicts them: position t predicts t+1."""
-    return labels[:, 1:]
-
-
-def optional(x: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return x if x is not None else torch.zeros_like(like)

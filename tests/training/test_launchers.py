@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.launcher import REPO, read_metrics, run_job
+from tests.launcher import read_metrics, run_job
 
 QUIET = ["logging.progress_bar=false"]
 
