@@ -1,6 +1,5 @@
 """The world: deterministic, facts consistent across renderings, references correct by construction."""
 
-import dataclasses
 import json
 import re
 
