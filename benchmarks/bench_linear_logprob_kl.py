@@ -14,6 +14,9 @@ Implementations (each skipped with a note where it cannot run):
   liger_ce       Liger-Kernel fused linear cross-entropy (CE only; if installed)
   cce            Apple Cut Cross-Entropy (CE only; if installed)
 
+Also recorded: the median process CPU time of a step (all threads), less sensitive than wall time
+to other processes on a shared machine (spin-waiting threads still count).
+
 One step = forward, loss = sum(g_logp * logp) + sum(g_kl * kl) with random upstream gradients,
 backward into hidden and weight.  Time: median over --repeats steps after --warmup steps.
 TFLOP/s is over the FLOP floor: 12 N D V with a reference (fwd 2+2, bwd recompute 2+2, dH 2,
@@ -147,14 +150,15 @@ def _sync(device):
 def _time_steps(fn, inputs, device, warmup, repeats):
     for _ in range(warmup):
         _step(fn, inputs)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _step(fn, inputs)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return times
+        cpu_times.append(time.process_time() - c0)
+    return times, cpu_times
 
 
 def cpu_peak_extra_bytes(fn) -> int:
@@ -204,14 +208,15 @@ def bench_one(name, shape, with_ref, args):
         return row
     inputs = _make_inputs(n, d, v, getattr(torch, args.dtype), args.device, with_ref)
     try:
-        times = _time_steps(fn, inputs, args.device, args.warmup, args.repeats)
+        times, cpu_times = _time_steps(fn, inputs, args.device, args.warmup, args.repeats)
         peak = _peak_extra_bytes(fn, inputs, args.device)
     except Exception as exc:
         row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         return row
     med = statistics.median(times)
     row.update(time_ms=med * 1e3, time_min_ms=min(times) * 1e3, time_max_ms=max(times) * 1e3,
-               peak_extra_mib=peak / 2 ** 20, tflops=flops / med / 1e12)
+               cpu_time_ms=statistics.median(cpu_times) * 1e3, peak_extra_mib=peak / 2 ** 20,
+               tflops=flops / med / 1e12)
     return row
 
 
@@ -238,17 +243,18 @@ def _parse_shapes(text):
 
 def _print_table(rows):
     head = f"{'impl':<14}{'N':>7}{'D':>6}{'V':>8} {'ref':<4}{'time ms':>10}{'min-max ms':>18}" \
-           f"{'peak MiB':>11}{'TFLOP/s':>9}  note"
+           f"{'CPU s':>8}{'peak MiB':>11}{'TFLOP/s':>9}  note"
     print(head)
     print("-" * len(head))
     for r in rows:
         if "time_ms" in r:
             spread = f"{r['time_min_ms']:.0f}-{r['time_max_ms']:.0f}"
             print(f"{r['impl']:<14}{r['N']:>7}{r['D']:>6}{r['V']:>8} {str(r['ref'])[0]:<4}"
-                  f"{r['time_ms']:>10.1f}{spread:>18}{r['peak_extra_mib']:>11.1f}{r['tflops']:>9.3f}")
+                  f"{r['time_ms']:>10.1f}{spread:>18}{r['cpu_time_ms'] / 1e3:>8.2f}"
+                  f"{r['peak_extra_mib']:>11.1f}{r['tflops']:>9.3f}")
         else:
             print(f"{r['impl']:<14}{r['N']:>7}{r['D']:>6}{r['V']:>8} {str(r['ref'])[0]:<4}"
-                  f"{'':>10}{'':>18}{'':>11}{'':>9}  {r['note']}")
+                  f"{'':>10}{'':>18}{'':>8}{'':>11}{'':>9}  {r['note']}")
 
 
 def main(argv=None):
@@ -274,6 +280,7 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown implementations {sorted(unknown)}")
 
+    load_start = os.getloadavg()  # other processes on a shared machine inflate wall times
     rows = []
     for shape in shapes:
         for name in names:
@@ -283,7 +290,10 @@ def main(argv=None):
             rows.append(bench_one(name, shape, with_ref, args))
             print(f"  done {name} {shape}", file=sys.stderr, flush=True)
     _print_table(rows)
-    result = dict(machine=_machine(), command=" ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+    load_end = os.getloadavg()
+    print(f"load average (1/5/15 min) at start {load_start}, at end {load_end}; "
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads")
+    result = dict(machine=_machine(), load_average_start=load_start, load_average_end=load_end, command=" ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
                   device=args.device, dtype=args.dtype, warmup=args.warmup, repeats=args.repeats, rows=rows)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -10,6 +10,7 @@ C++ kernel (Python loop over tiles, several elementwise passes per tile) but dev
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 CHUNK_N = 256
 CHUNK_V = 2048
@@ -146,6 +147,7 @@ class _ChunkedLinearLogprobKL(torch.autograd.Function):
         return logp, kl, ref_logp
 
     @staticmethod
+    @once_differentiable  # the gradients are computed outside autograd: no double backward
     def backward(ctx, grad_logp, grad_kl, _grad_ref_logp):
         hidden, weight, y, valid, ref_hidden, ref_weight, stats = ctx.saved_tensors
         direction, chunk_n, chunk_v, has_ref = ctx.settings
