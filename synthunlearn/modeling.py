@@ -32,7 +32,17 @@ def load_tokenizer(model_cfg):
 
     spec = model_cfg.tokenizer_path or model_cfg.path
     key = "model.tokenizer_path" if model_cfg.tokenizer_path else "model.path"
-    path = resolve_model_path(spec, key)
+    if model_cfg.tokenizer_path and not spec.startswith("builtin:"):
+        # A tokenizer directory (tokenizer.save_pretrained) has no config.json, so it is not
+        # checked as a model directory.
+        path = Path(spec).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"{key}: tokenizer directory {spec!r} not found")
+    else:
+        path = resolve_model_path(spec, key)
+    if model_cfg.trust_remote_code:
+        # Logged before the first from_pretrained: the tokenizer may ship code as well.
+        log.warning("%s: trust_remote_code is ON: executing Python code shipped in %s", key, path)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=model_cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -43,17 +53,45 @@ def load_tokenizer(model_cfg):
     return tok
 
 
+SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+# Pickle-based weight files: unpickling runs arbitrary code, so they are refused, not loaded.
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt.index",
+                  "tf_model.h5", "flax_model.msgpack")
+
+
+def check_model_dir(spec: str, key: str, *, trust_remote_code: bool):
+    """``(path, hf_config)`` of a loadable model directory, checked without loading weights.
+
+    Cheap (config.json only), so the trainer runs it before it writes anything or starts
+    DeepSpeed: a wrong path, non-safetensors weights or an unreadable config fail in seconds.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec, key)
+    if not any((path / name).exists() for name in SAFETENSORS):
+        others = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
+        if others:
+            raise ConfigError(
+                f"{key}: {path} holds only {', '.join(others)}, not safetensors; pickle-based weights "
+                "can execute code when loaded and are refused. Convert them once, in an environment "
+                "you trust, with model.save_pretrained(dir, safe_serialization=True)")
+        raise ConfigError(f"{key}: {path} has no model.safetensors; only safetensors weights are loaded")
+    try:
+        hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"{key}: cannot read the model config in {path}: {exc}") from None
+    return path, hf_config
+
+
 def load_causal_lm(spec: str, key: str, *, dtype: str, trust_remote_code: bool, ds_config: dict | None,
                    gradient_checkpointing: bool = False):
     """Loads a causal LM; with a ZeRO-3 ``ds_config`` it is partitioned while it is built."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    path = resolve_model_path(spec, key)
+    path = check_model_dir(spec, key, trust_remote_code=trust_remote_code)[0]
     if trust_remote_code:
         log.warning("%s: trust_remote_code is ON: executing Python code shipped in %s", key, path)
-    if not any((path / name).exists() for name in ("model.safetensors", "model.safetensors.index.json")):
-        raise ConfigError(f"{key}: {path} has no model.safetensors; only safetensors weights are loaded")
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None  # noqa: F841 (must stay alive while loading)
     try:

@@ -34,15 +34,57 @@ def read_deepspeed_json(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
     _reject_auto(data, path, "")
+    _check_types(data, path)
     if "gradient_clipping" not in data:
         raise ConfigError(f"{path}: gradient_clipping must be set explicitly (DeepSpeed >= 0.19.3 "
                           "silently defaults it to 1.0)")
     if data.get("fp16", {}).get("enabled"):
         raise ConfigError(f"{path}: fp16.enabled is not supported; use model.dtype=bf16 (or fp32)")
     stage = data.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    zero = data.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        device = zero.get(key, {}).get("device", "none")
+        if device not in ("none", "cpu", "nvme"):
+            raise ConfigError(f"{path}: zero_optimization.{key}.device must be none, cpu or nvme, "
+                              f"got {device!r}")
+    if zero.get("offload_param", {}).get("device", "none") != "none" and stage != 3:
+        raise ConfigError(f"{path}: zero_optimization.offload_param needs stage 3 (got stage {stage}); "
+                          "use configs/deepspeed/zero3_offload.json")
     return data
+
+
+# Sections the code reads with ``.get`` and values it compares with numbers: a wrong JSON type
+# there would otherwise surface as an AttributeError/TypeError deep inside DeepSpeed (a
+# traceback for what is a typo in the user's file).
+_OBJECT_KEYS = ("zero_optimization", "fp16", "bf16", "optimizer", "optimizer.params", "data_types",
+                "zero_optimization.offload_optimizer", "zero_optimization.offload_param")
+_NUMBER_KEYS = ("gradient_clipping", "train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps")
+
+
+def _lookup(data: dict, dotted: str):
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_types(data: dict, path: Path) -> None:
+    for key in _OBJECT_KEYS:
+        value = _lookup(data, key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{path}: {key}: expected a JSON object, got {json.dumps(value)}")
+    for key in _NUMBER_KEYS:
+        value = _lookup(data, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{path}: {key}: expected a number, got {json.dumps(value)}")
+    clip = data.get("gradient_clipping")
+    if clip is not None and clip < 0:
+        raise ConfigError(f"{path}: gradient_clipping: must be >= 0 (0 disables clipping), got {clip}")
 
 
 def _reject_auto(node: Any, path: Path, key: str) -> None:

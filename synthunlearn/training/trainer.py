@@ -60,26 +60,60 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def prepare_output_dir(out: Path, run_record: dict, *, overwrite: bool, env: DistEnv) -> None:
-    """Decides on every rank (same files, same answer), then rank 0 writes."""
+# What a run writes into its directory; a run that left none of its results may be replaced.
+RUN_ARTEFACTS = ("run_config.json", "metrics.jsonl", "monitor", "checkpoints", "STOPPED", "final.tmp")
+
+
+def _has_results(out: Path) -> bool:
+    return (out / "final").exists() or ckpt.latest_complete(out / "checkpoints") is not None
+
+
+def check_output_dir(out: Path, run_record: dict, *, overwrite: bool) -> bool:
+    """Read-only decision, the same on every rank: True when the directory's old run is replaced.
+
+    A different run is refused only if it has something to lose (a complete checkpoint or
+    final/): a run that failed before its first checkpoint (bad data, an error found at set-up,
+    a crash at step 3) must not block the corrected command.
+    """
     record_file = out / "run_config.json"
-    if not overwrite and out.exists() and any(out.iterdir()):
-        if not record_file.is_file():
-            raise UserError(f"--output-dir {out}: holds files that are not a synthunlearn run; "
-                            "choose another directory or pass --overwrite")
+    if overwrite or not out.exists() or not any(out.iterdir()):
+        return False
+    if not record_file.is_file():
+        raise UserError(f"--output-dir {out}: holds files that are not a synthunlearn run; "
+                        "choose another directory or pass --overwrite")
+    try:
         previous = json.loads(record_file.read_text())
-        old, new = _flatten(previous), _flatten(run_record)
-        for key in sorted(set(old) | set(new)):
-            if key.startswith("config.") and key[len("config."):].startswith(RESUMABLE_CHANGES):
-                continue
-            if old.get(key) != new.get(key):
-                raise UserError(f"--output-dir {out}: holds a different run ({key}: {old.get(key)!r} "
-                                f"there, {new.get(key)!r} now); resume it with the same settings, "
-                                "choose another directory, or pass --overwrite to start over")
+    except (OSError, ValueError):
+        previous = {}  # unreadable record: compare as "different"
+    old, new = _flatten(previous), _flatten(run_record)
+    for key in sorted(set(old) | set(new)):
+        if key.startswith("config.") and key[len("config."):].startswith(RESUMABLE_CHANGES):
+            continue
+        if old.get(key) != new.get(key):
+            if not _has_results(out):
+                log.warning("--output-dir %s: replacing an earlier run that left no checkpoint and no "
+                            "final/ (%s: %r there, %r now)", out, key, old.get(key), new.get(key))
+                return True
+            raise UserError(f"--output-dir {out}: holds a different run ({key}: {old.get(key)!r} "
+                            f"there, {new.get(key)!r} now); resume it with the same settings, "
+                            "choose another directory, or pass --overwrite to start over")
+    return False
+
+
+def prepare_output_dir(out: Path, run_record: dict, *, overwrite: bool, replace: bool, env: DistEnv) -> None:
+    """Rank 0 writes once every rank has decided (``check_output_dir``) and validated its inputs."""
+    record_file = out / "run_config.json"
     barrier()
     if env.is_main:
         if overwrite and out.exists():
             shutil.rmtree(out)
+        elif replace:  # only our own artefacts: stale metrics must not mix with the new run's
+            for name in RUN_ARTEFACTS:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
         out.mkdir(parents=True, exist_ok=True)
         tmp = record_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(run_record, indent=2, sort_keys=True))
@@ -241,15 +275,25 @@ def train(job: str, args) -> None:
     out = Path(args.output_dir)
     run_record = {"job": job, "world_size": env.world_size, "config": to_dict(config),
                   "deepspeed": ds_user}
-    prepare_output_dir(out, run_record, overwrite=args.overwrite, env=env)
+    # Refuse a directory before the slow set-up, but write to it only once every input is checked
+    # (prepare_output_dir below): a bad file or key leaves nothing behind.
+    replace = check_output_dir(out, run_record, overwrite=args.overwrite)
     ckpt_dir = out / "checkpoints"
 
     # 2. tokenizer, data, DeepSpeed config
     from synthunlearn.data import check_vocab
-    from synthunlearn.modeling import load_tokenizer
+    from synthunlearn.modeling import check_model_dir, load_tokenizer
 
     objective = Objective(job, config.objective)
     tokenizer = load_tokenizer(config.model)
+    # Weights format and vocabulary from config.json alone, before DeepSpeed starts.
+    check_vocab(tokenizer, check_model_dir(config.model.path, "model.path",
+                                           trust_remote_code=config.model.trust_remote_code)[1],
+                "model.tokenizer_path" if config.model.tokenizer_path else "model.path")
+    if objective.needs_reference and config.reference.path:
+        check_vocab(tokenizer, check_model_dir(config.reference.path, "reference.path",
+                                               trust_remote_code=config.model.trust_remote_code)[1],
+                    "reference.path")
     pad_id = tokenizer.pad_token_id
     accumulation = config.optimisation.gradient_accumulation_steps
     sets = build_sets(objective.active_sets(), config.data, tokenizer, rank=env.rank,
@@ -266,6 +310,9 @@ def train(job: str, args) -> None:
         # Only the ZeRO optimizers discard a step with non-finite gradients.
         raise UserError(f"{args.deepspeed_config}: ZeRO stage 0 does not detect non-finite gradients; use "
                         "configs/deepspeed/zero1.json or higher")
+    if objective.needs_reference:
+        build_reference_config(ds_config, config)  # raises on e.g. reference.offload without ZeRO-3
+    prepare_output_dir(out, run_record, overwrite=args.overwrite, replace=replace, env=env)
     if env.is_main:
         for name, ds in sets.items():
             log.info("data %s: %s", name, ds.train.stats)
