@@ -50,7 +50,8 @@ def build_parser(job: str) -> argparse.ArgumentParser:
 
 
 def parse_args(job: str, argv=None) -> argparse.Namespace:
-    args = build_parser(job).parse_args(argv)
+    # Intermixed: options may follow the key=value overrides (as users and sbatch lines write them).
+    args = build_parser(job).parse_intermixed_args(argv)
     args.config = args.config or _default_path(DEFAULT_CONFIGS[job])
     args.deepspeed_config = args.deepspeed_config or _default_path(DEFAULT_DEEPSPEED)
     flags = {"optimisation.max_steps": args.max_steps, "checkpointing.save_steps": args.save_steps,
