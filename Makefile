@@ -29,7 +29,7 @@ test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
 
 demo: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/deepspeed --num_gpus 2 launch/unlearn.py --output-dir runs/demo-unlearn --overwrite
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python launch/experiment.py --config configs/experiment/demo.yaml
 
 clean:
 	rm -rf $(VENV) .cache runs

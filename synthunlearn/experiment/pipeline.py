@@ -1,0 +1,585 @@
+"""The paper's experiment end to end: world -> tiny model -> base -> arms -> SFT -> evaluation.
+
+Phases (every training phase is a real launcher run, ``deepspeed --num_gpus N launch/<job>.py``,
+or a plain single ``python launch/<job>.py`` when ``launcher: python`` -- for quick probes only):
+
+==============  =================================================================================
+world           :func:`synthunlearn.experiment.world.write_world` with the config's ``world`` knobs
+model           :func:`synthunlearn.tiny_model.build_tiny_model` on the world's own training text
+base            pre-training from random init on documents + the instruction data of the base
+                (``pretrain_instructions.jsonl`` rendered through the chat template as raw text,
+                so the base already follows diverse instructions, as the paper's base models did)
+cpt/docs_only   continued pre-training on the same mixture (documents + instructions)
+cpt/synthetic   continued pre-training on the same mixture + ``synthetic_copies`` copies of every
+                synthetic Q-A pair, rendered ``Question: {q}\\nAnswer: {a}`` (the flawed data);
+                same steps, batch, lr and seed as docs_only
+unlearn/<arm>   from cpt/synthetic: capped ascent on the synthetic Q-A + replay on documents + KL
+                to cpt/synthetic (``unlearned``), and the ablations ``ga_unbounded`` (plain
+                ascent), ``no_replay``, ``no_kl``
+sft/<arm>       the same SFT (data, steps, seed) on every arm's model
+eval/<arm>      :func:`synthunlearn.evaluation.suite.evaluate_model` on capped evaluation sets
+==============  =================================================================================
+
+The base is shared by the seeds (the paper starts every arm from one pre-trained model); a seed
+sets the data order and RNG of every later phase, and all arms of a seed share it. With
+``base_per_seed: true`` each seed pre-trains its own base.
+
+Resumption: a phase directory holding ``final/`` and a ``phase.json`` whose command equals the one
+the pipeline would run now is reused; anything else is rerun from scratch (``--overwrite``).
+Evaluations are cached the same way (``eval.json`` with the evaluation signature).
+
+Output: ``<output_dir>/results.json`` (``{"seeds", "wall_seconds", "arms": {arm: {metric:
+{"mean", "std", "n"}}}, "per_seed": ..., ...}``), ``results.md`` and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import yaml
+
+from synthunlearn.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+MAIN_ARMS = ("docs_only", "synthetic", "unlearned")
+# Each unlearning arm = the unlearn phase config + these overrides (the ablations change one term).
+UNLEARN_ARMS = {
+    "unlearned": {},
+    "ga_unbounded": {"objective.forget": "ga"},
+    "no_replay": {"objective.replay_weight": 0},
+    "no_kl": {"objective.kl_weight": 0},
+}
+ALL_ARMS = ("docs_only", "synthetic") + tuple(UNLEARN_ARMS)
+
+DEFAULTS = {
+    "output_dir": "runs/demo",
+    "seeds": [0, 1, 2],
+    "base_per_seed": False,
+    "launcher": "deepspeed",          # or "python" (single process; probes only)
+    "nprocs": 2,
+    "deepspeed_config": "configs/deepspeed/zero2.json",
+    "parallel_jobs": 1,
+    "omp_threads": 1,
+    "arms": list(ALL_ARMS),
+    "ablation_seeds": None,           # None: every seed; else a subset for the ablation arms
+    "world": {},
+    "model": {"vocab_size": 1024, "seed": 0, "arch": {}},
+    "data": {"synthetic_copies": 2, "instructions_in_cpt": True, "instructions_in_replay": False},
+    "phases": {
+        "base": {"config": "configs/experiment/pretrain.yaml", "max_steps": 300, "overrides": {}},
+        "cpt": {"config": "configs/experiment/pretrain.yaml", "max_steps": 100, "overrides": {}},
+        "unlearn": {"config": "configs/experiment/unlearn.yaml", "max_steps": 30, "overrides": {}},
+        "sft": {"config": "configs/experiment/sft.yaml", "max_steps": 40, "overrides": {}},
+    },
+    "evaluation": {"if_eval": 120, "neutral_prompts": 40, "knowledge_mc": 200, "heldout_docs": 60,
+                   "max_new_tokens": 64, "batch_size": 32, "threads": 2},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_dotted(cfg: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            node[key] = {}
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
+    """DEFAULTS <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML)."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        unknown = sorted(set(data) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {unknown}; valid: {', '.join(DEFAULTS)}")
+        cfg = _merge(cfg, data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key.split(".")[0] not in DEFAULTS:
+            raise ConfigError(f"override {item!r}: expected key.sub=value with a key of {', '.join(DEFAULTS)}")
+        _set_dotted(cfg, key, yaml.safe_load(raw))
+    unknown_arms = sorted(set(cfg["arms"]) - set(ALL_ARMS))
+    if unknown_arms:
+        raise ConfigError(f"arms: unknown {unknown_arms}; valid: {', '.join(ALL_ARMS)}")
+    if cfg["launcher"] not in ("deepspeed", "python"):
+        raise ConfigError("launcher: must be 'deepspeed' or 'python'")
+    if not cfg["seeds"]:
+        raise ConfigError("seeds: at least one seed")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and model
+
+def _jsonl(path: Path, records) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> List[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _chat_as_text(tokenizer, messages) -> str:
+    """A chat record as raw pre-training text in exactly the layout SFT and evaluation use.
+
+    Text records get ``<bos>`` and ``<eos>`` from the data pipeline, so the template's own leading
+    BOS and the final end-of-turn EOS are removed here rather than doubled."""
+    from synthunlearn.evaluation.generate import format_chat
+
+    text = format_chat(tokenizer, messages, add_generation_prompt=False).rstrip()
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    if bos and text.startswith(bos):
+        text = text[len(bos):]
+    if eos and text.endswith(eos):
+        text = text[:-len(eos)]
+    return text
+
+
+def prepare_world(cfg: dict, out: Path, log) -> Path:
+    from synthunlearn.experiment.world import WorldConfig, write_world
+
+    world_dir = out / "world"
+    fields = {f.name for f in dataclasses.fields(WorldConfig)}
+    knobs = dict(cfg["world"])
+    unknown = sorted(set(knobs) - fields)
+    if unknown:
+        raise ConfigError(f"world: unknown knobs {unknown}; valid: {', '.join(sorted(fields))}")
+    knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
+    signature = json.dumps(knobs, sort_keys=True, default=list)
+    stamp = world_dir / "pipeline_world.json"
+    if stamp.exists() and stamp.read_text() == signature:
+        return world_dir
+    log(f"world: writing {world_dir}")
+    write_world(WorldConfig(**knobs), world_dir)
+    stamp.write_text(signature)
+    return world_dir
+
+
+def prepare_model(cfg: dict, out: Path, world_dir: Path, log) -> Path:
+    """Tokenizer + random Llama built from the world's own training text (documents, synthetic
+    Q-A, instruction data), so every arm shares one vocabulary."""
+    from synthunlearn.tiny_model import build_tiny_model
+
+    model_dir = out / "init_model"
+    spec = cfg["model"]
+    signature = json.dumps({"model": spec, "world": (world_dir / "pipeline_world.json").read_text()},
+                           sort_keys=True)
+    stamp = model_dir / "pipeline_model.json"
+    if stamp.exists() and stamp.read_text() == signature:
+        return model_dir
+    log(f"model: building {model_dir}")
+    corpus = [r["text"] for r in _read_jsonl(world_dir / "docs.jsonl")]
+    corpus += [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in _read_jsonl(world_dir / "synthetic_qa.jsonl")]
+    for name in ("pretrain_instructions.jsonl", "sft.jsonl"):
+        corpus += [m["content"] for r in _read_jsonl(world_dir / name) for m in r["messages"]]
+    build_tiny_model(model_dir, corpus=corpus, vocab_size=int(spec.get("vocab_size", 1024)),
+                     seed=int(spec.get("seed", 0)), **dict(spec.get("arch") or {}))
+    stamp.write_text(signature)
+    return model_dir
+
+
+def prepare_data(cfg: dict, out: Path, world_dir: Path, model_dir: Path) -> Dict[str, Path]:
+    """The training files of every phase (written once per world/model; cheap)."""
+    from transformers import AutoTokenizer
+
+    data_dir = out / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    docs = _read_jsonl(world_dir / "docs.jsonl")
+    instructions = [{"text": _chat_as_text(tokenizer, r["messages"])}
+                    for r in _read_jsonl(world_dir / "pretrain_instructions.jsonl")]
+    qa = [{"text": f"Question: {r['question']}\nAnswer: {r['answer']}"}
+          for r in _read_jsonl(world_dir / "synthetic_qa.jsonl")]
+    dcfg = cfg["data"]
+    cpt_docs = docs + (instructions if dcfg["instructions_in_cpt"] else [])
+    files = {
+        "base": (docs + instructions),
+        "cpt_docs_only": cpt_docs,
+        "cpt_synthetic": cpt_docs + qa * int(dcfg["synthetic_copies"]),
+        "replay": docs + (instructions if dcfg["instructions_in_replay"] else []),
+        "forget": [{"question": r["question"], "answer": r["answer"]}
+                   for r in _read_jsonl(world_dir / "synthetic_qa.jsonl")],
+        "sft": [{"messages": r["messages"]} for r in _read_jsonl(world_dir / "sft.jsonl")],
+    }
+    paths = {}
+    for name, records in files.items():
+        paths[name] = data_dir / f"{name}.jsonl"
+        _jsonl(paths[name], records)
+    return paths
+
+
+def prepare_eval_dir(cfg: dict, out: Path, world_dir: Path) -> Path:
+    """The evaluation sets, capped to the configured sizes (the first N records of each)."""
+    eval_dir = out / "eval_sets"
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    ecfg = cfg["evaluation"]
+    for name in ("if_eval", "neutral_prompts", "knowledge_mc", "heldout_docs"):
+        records = _read_jsonl(world_dir / f"{name}.jsonl")
+        limit = ecfg.get(name)
+        _jsonl(eval_dir / f"{name}.jsonl", records[:limit] if limit else records)
+    shutil.copyfile(world_dir / "sft.jsonl", eval_dir / "sft.jsonl")
+    return eval_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the launchers
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env(omp_threads: int = 1) -> dict:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env.setdefault("SYNTHUNLEARN_CACHE", str(REPO / ".cache" / "synthunlearn"))
+    env.setdefault("DS_ACCELERATOR", "cpu" if not shutil.which("nvidia-smi") else "cuda")
+    # Each rank gets its own thread budget; ranks x threads should not exceed the cores.
+    env["OMP_NUM_THREADS"] = str(omp_threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _overrides(values: dict) -> List[str]:
+    return [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()]
+
+
+@dataclasses.dataclass
+class Phase:
+    """One launcher run."""
+
+    name: str                   # e.g. "seed0/sft/synthetic"
+    job: str                    # "sft" or "unlearn"
+    out_dir: Path
+    config: str
+    max_steps: int
+    seed: int
+    overrides: Dict[str, object]
+    deps: List[str]
+
+    def args(self) -> List[str]:
+        return ["--config", self.config, "--output-dir", str(self.out_dir), "--max-steps", str(self.max_steps),
+                "--seed", str(self.seed), *_overrides(self.overrides)]
+
+
+def launcher_command(cfg: dict, phase: Phase) -> List[str]:
+    script = str(REPO / "launch" / f"{phase.job}.py")
+    if cfg["launcher"] == "python":
+        return [sys.executable, script, *phase.args()]
+    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return [deepspeed, "--num_gpus", str(cfg["nprocs"]), "--master_port", "{port}", script,
+            "--deepspeed-config", str(REPO / cfg["deepspeed_config"]), *phase.args()]
+
+
+def phase_done(phase: Phase, command: List[str]) -> bool:
+    stamp = phase.out_dir / "phase.json"
+    if not (phase.out_dir / "final" / "config.json").exists() or not stamp.exists():
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("command") == command
+    except ValueError:
+        return False
+
+
+def run_phase(cfg: dict, phase: Phase, log) -> float:
+    """Runs one phase (or reuses it); returns its wall seconds (0 when reused)."""
+    command = launcher_command(cfg, phase)
+    if phase_done(phase, command):
+        log(f"{phase.name}: reused ({phase.out_dir}/final)")
+        return 0.0
+    phase.out_dir.mkdir(parents=True, exist_ok=True)
+    concrete = [c.replace("{port}", str(_free_port())) for c in command] + ["--overwrite"]
+    log(f"{phase.name}: {phase.job} {phase.max_steps} steps")
+    start = time.perf_counter()
+    # The log lives beside the phase directory: --overwrite empties the directory itself.
+    log_path = phase.out_dir.parent / f"{phase.out_dir.name}.log"
+    with open(log_path, "w") as handle:
+        proc = subprocess.run(concrete, cwd=REPO, env=job_env(int(cfg["omp_threads"])), stdout=handle,
+                              stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0 or not (phase.out_dir / "final" / "config.json").exists():
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"{phase.name}: {' '.join(concrete)} exited {proc.returncode}\n{tail}")
+    (phase.out_dir / "phase.json").write_text(json.dumps({"command": command, "seconds": seconds}, indent=1))
+    log(f"{phase.name}: done in {seconds:.0f} s")
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+
+def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) -> List[Phase]:
+    ph = cfg["phases"]
+    arms = list(cfg["arms"])
+    phases: List[Phase] = []
+
+    def phase(name, job, kind, out_dir, seed, overrides, deps):
+        spec = ph[kind]
+        merged = dict(spec.get("overrides") or {})
+        merged.update(overrides)
+        phases.append(Phase(name, job, out_dir, str(REPO / spec["config"]) if not Path(spec["config"]).is_absolute()
+                            else spec["config"], int(spec["max_steps"]), seed, merged, deps))
+
+    ablation_seeds = cfg["ablation_seeds"]
+    for seed in cfg["seeds"]:
+        base_name = f"seed{seed}/base" if cfg["base_per_seed"] else "base"
+        base_dir = out / base_name
+        if not any(p.name == base_name for p in phases):
+            phase(base_name, "sft", "base", base_dir, seed if cfg["base_per_seed"] else 0,
+                  {"model.path": str(model_dir), "data.sft.path": str(data["base"])}, [])
+        need_synthetic = any(a != "docs_only" for a in arms)
+        for arm in ("docs_only", "synthetic"):
+            if arm == "docs_only" and "docs_only" not in arms or arm == "synthetic" and not need_synthetic:
+                continue
+            phase(f"seed{seed}/cpt/{arm}", "sft", "cpt", out / f"seed{seed}" / "cpt" / arm, seed,
+                  {"model.path": str(base_dir / "final"), "data.sft.path": str(data[f"cpt_{arm}"])}, [base_name])
+        for arm, extra in UNLEARN_ARMS.items():
+            if arm not in arms or (arm != "unlearned" and ablation_seeds is not None and seed not in ablation_seeds):
+                continue
+            start = out / f"seed{seed}" / "cpt" / "synthetic"
+            phase(f"seed{seed}/unlearn/{arm}", "unlearn", "unlearn", out / f"seed{seed}" / "unlearn" / arm, seed,
+                  {"model.path": str(start / "final"), "data.forget.path": str(data["forget"]),
+                   "data.replay.path": str(data["replay"]), **extra}, [f"seed{seed}/cpt/synthetic"])
+        for arm in arms:
+            source = (f"seed{seed}/cpt/{arm}" if arm in ("docs_only", "synthetic") else f"seed{seed}/unlearn/{arm}")
+            if not any(p.name == source for p in phases):
+                continue
+            phase(f"seed{seed}/sft/{arm}", "sft", "sft", out / f"seed{seed}" / "sft" / arm, seed,
+                  {"model.path": str(out / source / "final"), "data.sft.path": str(data["sft"])}, [source])
+    return phases
+
+
+def _eval_signature(cfg: dict, model_dir: Path, baseline_dir: Path) -> str:
+    stamp = json.loads((model_dir.parent / "phase.json").read_text())
+    return json.dumps({"evaluation": cfg["evaluation"], "model_command": stamp["command"],
+                       "baseline": str(baseline_dir), "world": cfg["world"]}, sort_keys=True)
+
+
+_EVAL_LOCK = threading.Lock()
+
+
+def evaluate_phase(cfg: dict, phase: Phase, eval_dir: Path, baseline_dir: Path, log) -> dict:
+    """Evaluates an SFT output (cached in ``<phase>/eval.json``); returns the flat metrics."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synthunlearn.evaluation.report import write_json
+    from synthunlearn.evaluation.suite import evaluate_model
+
+    path = phase.out_dir / "eval.json"
+    signature = _eval_signature(cfg, phase.out_dir / "final", baseline_dir)
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached.get("signature") == signature:
+            return cached["metrics"]
+    ecfg = cfg["evaluation"]
+    with _EVAL_LOCK:  # one evaluation at a time; it shares the cores with a running launcher
+        torch.set_num_threads(int(ecfg.get("threads", 1)))
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(phase.out_dir / "final").eval()
+        tokenizer = AutoTokenizer.from_pretrained(phase.out_dir / "final")
+        baseline = AutoModelForCausalLM.from_pretrained(baseline_dir).eval()
+        results = evaluate_model(model, tokenizer, eval_dir, baseline=baseline,
+                                 max_new_tokens=int(ecfg["max_new_tokens"]), batch_size=int(ecfg["batch_size"]),
+                                 kl_backend="auto", max_length=256)
+        seconds = time.perf_counter() - start
+    results["signature"] = signature
+    results["wall_seconds"] = seconds
+    write_json(path, results)
+    log(f"{phase.name}: evaluated in {seconds:.0f} s: "
+        + ", ".join(f"{k}={results['metrics'][k]:.3f}" for k in ("if_prompt_strict", "knowledge_acc", "pattern_rate")
+                    if isinstance(results["metrics"].get(k), float)))
+    return results["metrics"]
+
+
+class _Scheduler:
+    """Runs tasks whose dependencies are done, at most ``parallel`` at once (threads; a training
+    task waits on its launcher subprocess, so the threads only wait)."""
+
+    def __init__(self, parallel: int, log):
+        self.parallel = max(1, parallel)
+        self.log = log
+
+    def run(self, tasks: Dict[str, tuple]) -> None:
+        # tasks: name -> (deps, callable)
+        done, failed, running = set(), [], {}
+        lock = threading.Condition()
+
+        def worker(name, fn):
+            try:
+                fn()
+                ok = True
+            except BaseException as error:  # reported below, after the running tasks finish
+                failed.append((name, error))
+                ok = False
+            with lock:
+                running.pop(name, None)
+                if ok:
+                    done.add(name)
+                lock.notify_all()
+
+        pending = dict(tasks)
+        with lock:
+            while pending or running:
+                if failed and not running:
+                    break
+                ready = [n for n, (deps, _) in pending.items() if all(d in done for d in deps)] if not failed else []
+                while ready and len(running) < self.parallel:
+                    name = ready.pop(0)
+                    _, fn = pending.pop(name)
+                    thread = threading.Thread(target=worker, args=(name, fn), daemon=True)
+                    running[name] = thread
+                    thread.start()
+                if not running and pending and not failed:
+                    raise RuntimeError(f"unsatisfiable dependencies: {sorted(pending)}")
+                lock.wait(timeout=1.0)
+        if failed:
+            name, error = failed[0]
+            raise RuntimeError(f"{name} failed: {error}") from error
+
+
+# ----------------------------------------------------------------------------------------------
+# Results
+
+def summarise(cfg: dict, per_seed: Dict[str, Dict[int, dict]]) -> Dict[str, dict]:
+    from synthunlearn.evaluation.report import aggregate_seeds
+
+    arms = {}
+    for arm in cfg["arms"]:
+        runs = per_seed.get(arm) or {}
+        if runs:
+            arms[arm] = aggregate_seeds([runs[s] for s in sorted(runs)])
+    return arms
+
+
+def check_predictions(arms: Dict[str, dict]) -> Dict[str, object]:
+    """The paper's predictions, tested on the seed means (a report, never used to tune metrics)."""
+    def mean(arm, metric):
+        value = arms.get(arm, {}).get(metric, {}).get("mean")
+        return value if isinstance(value, (int, float)) else None
+
+    out: Dict[str, object] = {}
+    a_if, b_if, c_if = (mean(a, "if_prompt_strict") for a in MAIN_ARMS)
+    a_k, b_k, c_k = (mean(a, "knowledge_acc") for a in MAIN_ARMS)
+    if None not in (a_if, b_if):
+        out["if_gap_docs_minus_synthetic"] = a_if - b_if
+        out["synthetic_worse_by_10_points"] = a_if - b_if >= 0.10
+    if None not in (a_k, b_k):
+        out["synthetic_knowledge_at_least_docs"] = b_k >= a_k
+    if None not in (a_if, b_if, c_if) and a_if - b_if > 0:
+        out["unlearned_recovered_share"] = (c_if - b_if) / (a_if - b_if)
+        out["unlearned_recovers_half"] = (c_if - b_if) >= 0.5 * (a_if - b_if)
+    if None not in (b_k, c_k):
+        out["unlearned_knowledge_within_3_points"] = abs(c_k - b_k) <= 0.03
+    g_k, g_p, b_p = mean("ga_unbounded", "knowledge_acc"), mean("ga_unbounded", "perplexity"), mean("synthetic", "perplexity")
+    if None not in (g_k, b_k):
+        out["ga_unbounded_knowledge_drop"] = b_k - g_k
+    if None not in (g_p, b_p):
+        out["ga_unbounded_perplexity_ratio"] = g_p / b_p
+    return out
+
+
+TABLE_COLUMNS = ("if_prompt_strict", "if_instruction_strict", "if_prompt_loose", "knowledge_acc", "perplexity",
+                 "pattern_rate", "kl_shift", "token_jsd")
+
+
+def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
+    started = time.perf_counter()
+    out = Path(cfg["output_dir"])
+    if not out.is_absolute():
+        out = REPO / out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment_config.json").write_text(json.dumps(cfg, indent=1, default=list))
+    world_dir = prepare_world(cfg, out, log)
+    model_dir = prepare_model(cfg, out, world_dir, log)
+    data = prepare_data(cfg, out, world_dir, model_dir)
+    eval_dir = prepare_eval_dir(cfg, out, world_dir)
+    phases = plan_phases(cfg, out, model_dir, data)
+    by_name = {p.name: p for p in phases}
+    timings: Dict[str, float] = {}
+    per_seed: Dict[str, Dict[int, dict]] = {}
+    tasks: Dict[str, tuple] = {}
+    for phase in phases:
+        def train(phase=phase):
+            timings[phase.name] = run_phase(cfg, phase, log)
+        tasks[phase.name] = (list(phase.deps), train)
+        if "/sft/" in phase.name:
+            seed, arm = int(phase.name.split("/")[0][4:]), phase.name.split("/")[-1]
+            base_name = f"seed{seed}/base" if cfg["base_per_seed"] else "base"
+            # KL shift baseline: the shared pre-trained base every arm started from, so kl_shift
+            # measures how far each arm's outputs moved from the original model (docs_only
+            # included: its shift is the reference level that SFT alone causes).
+            baseline_dir = by_name[base_name].out_dir / "final"
+
+            def evaluate(phase=phase, seed=seed, arm=arm, baseline_dir=baseline_dir):
+                metrics = evaluate_phase(cfg, phase, eval_dir, baseline_dir, log)
+                per_seed.setdefault(arm, {})[seed] = metrics
+            tasks["eval:" + phase.name] = ([phase.name], evaluate)
+    _Scheduler(int(cfg["parallel_jobs"]), log).run(tasks)
+
+    arms = summarise(cfg, per_seed)
+    wall = time.perf_counter() - started
+    results = {
+        "seeds": list(cfg["seeds"]),
+        "wall_seconds": wall,
+        "arms": arms,
+        "predictions": check_predictions(arms),
+        "per_seed": {arm: {str(s): m for s, m in sorted(runs.items())} for arm, runs in per_seed.items()},
+        "phase_seconds": timings,
+        "config": cfg,
+    }
+    write_outputs(results, out)
+    return results
+
+
+def write_outputs(results: dict, out: Path) -> str:
+    from synthunlearn.evaluation.report import comparison_table, plot_headline, write_json
+
+    write_json(out / "results.json", results)
+    table = comparison_table(results["arms"], TABLE_COLUMNS)
+    lines = [f"seeds {results['seeds']}; mean ± std over seeds; wall time {results['wall_seconds']:.0f} s", "",
+             table, ""]
+    for key, value in results.get("predictions", {}).items():
+        lines.append(f"- {key}: {value:.3f}" if isinstance(value, float) and not isinstance(value, bool)
+                     else f"- {key}: {value}")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    plot_headline(results["arms"], out / "results.png")
+    return text
