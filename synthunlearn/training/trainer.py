@@ -105,10 +105,10 @@ def prepare_output_dir(out: Path, run_record: dict, *, overwrite: bool, replace:
     record_file = out / "run_config.json"
     barrier()
     if env.is_main:
-        if overwrite and out.exists():
-            shutil.rmtree(out)
-        elif replace:  # only our own artefacts: stale metrics must not mix with the new run's
-            for name in RUN_ARTEFACTS:
+        if overwrite or replace:
+            # Only our own artefacts, never the whole directory: --output-dir . must not wipe a
+            # checkout. --overwrite also drops final/; a replaced run never had one.
+            for name in RUN_ARTEFACTS + (("final",) if overwrite else ()):
                 target = out / name
                 if target.is_dir():
                     shutil.rmtree(target)

@@ -43,13 +43,16 @@ def test_ten_steps_export_a_loadable_model(job, stage, tmp_path):
 
 def test_plain_python_single_process_bf16_checkpointing_packing(tmp_path):
     out = tmp_path / "single"
-    run_job("unlearn", ["--output-dir", str(out), "--max-steps", "2", "model.dtype=bf16",
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")  # --overwrite must not delete it
+    run_job("unlearn", ["--output-dir", str(out), "--overwrite", "--max-steps", "2", "model.dtype=bf16",
                         "model.gradient_checkpointing=true", "data.packing=true", "logging.csv=true", *QUIET],
             python=True)
     assert (out / "final" / "model.safetensors").is_file()
     steps = [m for m in read_metrics(out) if "loss" in m]
     assert len(steps) == 2 and all(m["loss"] is not None for m in steps)
     assert list((out / "monitor" / "csv").glob("*.csv")), "DeepSpeed's CSV monitor wrote nothing"
+    assert (out / "notes.txt").read_text() == "the user's own file"
 
 
 def test_user_error_is_one_line_without_traceback(tmp_path):
