@@ -16,7 +16,7 @@
 #   SlurmdParameters=config_overrides the node advertises CPUs=2 whatever the hardware says
 #   ports 16817/16818                 not SLURM's defaults, so a real slurmd on the host is unaffected
 #   SlurmUser=root                    spool/state directories need no extra user or permissions
-#   cred_expire=10                    a requeued job may restart after 10 s instead of 120 s
+#   cred_expire=10, sched_interval=2  a requeued job restarts after ~10 s instead of ~2-3 minutes
 set -euo pipefail
 
 STATE=${SYNTHUNLEARN_SLURM_DIR:-/var/tmp/synthunlearn-slurm}
@@ -103,6 +103,8 @@ JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+# A requeued job becomes eligible by the clock, which only the periodic pass notices (default 60 s).
+SchedulerParameters=sched_interval=2
 MpiDefault=none
 ReturnToService=2
 SlurmdParameters=config_overrides

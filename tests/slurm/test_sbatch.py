@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 import time
 
 import pytest
@@ -119,22 +120,25 @@ def test_sbatch_sft_from_the_repository(slurm, tmp_path):
 
 
 def test_hostnames_match_scontrol(slurm):
+    compared = 0
     for nodelist in ["gpu[01-04,07]", "n[1-3]-ib,login", "a[08-11],b7", "r[1-2]n[01-03]", "single",
-                     "x[0-2,5],y[10-12]-ib,z"]:
+                     "x[0-2,5],y[10-12]-ib,z", "c[098-101]"]:
         want = slurm.run("scontrol", "show", "hostnames", nodelist).stdout.split()
-        assert expand_hostlist(nodelist) == want, nodelist
+        # through the CLI the scripts use: scontrol's answer, or the parser where scontrol has none
+        # (SLURM 22.05 prints "Invalid hostlist" for a suffix after the brackets, as in n[1-3]-ib)
+        got = slurm.run(sys.executable, "-m", "synthunlearn.slurm", "hostnames", nodelist, cwd=REPO).stdout.split()
+        assert got == expand_hostlist(nodelist), nodelist
+        if want:
+            assert expand_hostlist(nodelist) == want, nodelist
+            compared += 1
+    assert compared >= 4
 
 
 def test_rendezvous_inside_an_allocation(slurm):
-    proc = slurm.run("srun", "-n1", "--gpus-per-node=0", sys_python(), "-m", "synthunlearn.slurm", "env",
+    proc = slurm.run("srun", "-n1", "--gpus-per-node=0", sys.executable, "-m", "synthunlearn.slurm", "env",
                      timeout=120, cwd=REPO)
-    lines = dict(line.removeprefix("export ").split("=", 1) for line in proc.stdout.split())
+    lines = dict(line.removeprefix("export ").split("=", 1) for line in proc.stdout.splitlines())
     node = slurm.run("sinfo", "-h", "-o", "%n").stdout.split()[0]
     assert lines["MASTER_ADDR"] == node
     assert 15000 <= int(lines["MASTER_PORT"]) < 30000
     socket.getaddrinfo(lines["MASTER_ADDR"], int(lines["MASTER_PORT"]))  # the address resolves
-
-
-def sys_python():
-    import sys
-    return sys.executable

@@ -103,6 +103,12 @@ case $FAKE_MODE in
                 echo "{\"step\": 5}" > "$FAKE_OUT/STOPPED"; exit 0' USR1
           touch "$FAKE_LOG/srun.started"
           for _ in $(seq 600); do sleep 0.1; done; exit 9 ;;
+  late)   # like a rank still importing: the first USR1 is lost, a repeated one is handled
+          n=0
+          trap 'n=$((n+1)); if ((n >= 2)); then echo "got $n" > "$FAKE_LOG/srun.signal"; mkdir -p "$FAKE_OUT";
+                echo "{\"step\": 1}" > "$FAKE_OUT/STOPPED"; exit 0; fi' USR1
+          touch "$FAKE_LOG/srun.started"
+          for _ in $(seq 600); do sleep 0.1; done; exit 9 ;;
 esac
 """
 FAKE_SCONTROL = r"""#!/bin/bash
@@ -194,6 +200,31 @@ def test_signal_to_the_batch_shell_is_forwarded_as_usr1(fake_slurm, sig):
     assert proc.returncode == 0, stdout
     assert (fake_slurm.log / "srun.signal").read_text().strip() == "forwarded"
     assert f"received SIG{sig.name[3:]}" in stdout and "requeue 321" in _calls(fake_slurm)
+
+
+def test_stop_request_is_repeated_until_the_ranks_take_it(fake_slurm):
+    proc = fake_slurm("late", background=True, SYNTHUNLEARN_STOP_RESEND_S="0.5")
+    deadline = time.monotonic() + 60
+    while not (fake_slurm.log / "srun.started").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stdout
+    assert (fake_slurm.log / "srun.signal").read_text().strip() == "got 2"
+    assert "requeue 321" in _calls(fake_slurm)
+
+
+def test_ranks_start_with_usr1_ignored(fake_slurm):
+    # the real srun line runs each rank through `bash -c 'trap "" USR1; exec "$@"'`: check that an
+    # ignored USR1 survives the exec, so a stop request during imports cannot kill a rank
+    fake_slurm("finish")
+    args = (fake_slurm.log / "srun.args").read_text()
+    assert """trap "" USR1; exec "$@\"""" in args
+    code = "import signal; print(signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN)"
+    out = subprocess.run(["bash", "-c", 'trap "" USR1; exec "$@"', "rank", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "True"
 
 
 def test_mismatched_tasks_and_gpus_is_refused(fake_slurm):
