@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -34,8 +35,20 @@ class Cluster:
             env.pop(key, None)
         for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k != "SLURM_CONF"]:
             env.pop(key)
+        if self.master_addr_override:
+            env["SYNTHUNLEARN_MASTER_ADDR"] = self.master_addr_override
         env.update(extra)
         return env
+
+    @property
+    def master_addr_override(self) -> str | None:
+        """The node is named after this machine's short host name; where that name does not resolve
+        (some CI containers), the ranks meet on loopback instead, through the scripts' override."""
+        try:
+            socket.getaddrinfo(socket.gethostname().split(".")[0], None)
+            return None
+        except OSError:
+            return "127.0.0.1"
 
     def run(self, *cmd, check=True, timeout=60, **kw) -> subprocess.CompletedProcess:
         proc = subprocess.run(list(cmd), env=kw.pop("env", None) or self.env(), capture_output=True, text=True,

@@ -62,7 +62,8 @@ def test_sbatch_unlearn_two_ranks_exports_a_loadable_model(slurm, uninterrupted)
     # srun's task ids became the ranks: 2 ranks, rendezvous on the job's first node and its port
     assert '"world_size": 2' in (out / "run_config.json").read_text()
     node = slurm.job_fields(job_id)["NodeList"]
-    assert f"2 tasks on 1 node(s) {node}, rendezvous {node}:{master_port(job_id)}" in log
+    addr = slurm.master_addr_override or node
+    assert f"2 tasks on 1 node(s) {node}, rendezvous {addr}:{master_port(job_id)}" in log
     assert "finished: model in" in log and "requeue" not in log
     steps = [m["step"] for m in read_metrics(out) if "loss" in m]
     assert steps == list(range(1, STEPS + 1))
@@ -135,6 +136,8 @@ def test_hostnames_match_scontrol(slurm):
 
 
 def test_rendezvous_inside_an_allocation(slurm):
+    if slurm.master_addr_override:
+        pytest.skip("this machine's host name does not resolve, so the jobs rendezvous on loopback")
     proc = slurm.run("srun", "-n1", "--gpus-per-node=0", sys.executable, "-m", "synthunlearn.slurm", "env",
                      timeout=120, cwd=REPO)
     lines = dict(line.removeprefix("export ").split("=", 1) for line in proc.stdout.splitlines())
