@@ -556,6 +556,20 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
 
     arms = summarise(cfg, per_seed)
     wall = time.perf_counter() - started
+    # Unlearning diagnostics (last logged step): how far the ascent went against tau, and what
+    # replay/KL cost -- the notes warn that capped ascent overshoots its bound.
+    unlearning: Dict[str, Dict[str, dict]] = {}
+    for phase in phases:
+        if phase.job != "unlearn" or not (phase.out_dir / "metrics.jsonl").exists():
+            continue
+        rows = [json.loads(line) for line in (phase.out_dir / "metrics.jsonl").read_text().splitlines()
+                if line.strip() and not line.startswith('{"eval')]
+        rows = [r for r in rows if "step" in r]
+        if rows:
+            last = rows[-1]
+            unlearning.setdefault(phase.name.split("/")[-1], {})[phase.name.split("/")[0]] = {
+                k: last[k] for k in ("step", "forget_nll", "forget_at_bound", "forget_overshoot", "replay_nll", "kl")
+                if k in last}
     results = {
         "seeds": list(cfg["seeds"]),
         "wall_seconds": wall,
@@ -563,6 +577,7 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
         "predictions": check_predictions(arms),
         "per_seed": {arm: {str(s): m for s, m in sorted(runs.items())} for arm, runs in per_seed.items()},
         "phase_seconds": timings,
+        "unlearning": unlearning,
         "config": cfg,
     }
     write_outputs(results, out)
