@@ -4,7 +4,7 @@ Versions are pinned to the ranges this project is tested with. torch is installe
 ``make setup`` (``torch==2.13.0``, the CPU build on CI machines); the range below admits it so pip
 does not replace it with another build.
 """
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="synthunlearn",
@@ -13,7 +13,8 @@ setup(
         "SFT and lower-bounded unlearning of synthetic-data pattern overfitting for LLMs, "
         "on DeepSpeed ZeRO, with fused linear log-prob/KL kernels"
     ),
-    packages=find_packages(include=["synthunlearn", "synthunlearn.*"]),
+    # Namespace packages so data-only folders (synthunlearn/assets/...) ship as package data.
+    packages=find_namespace_packages(include=["synthunlearn", "synthunlearn.*"]),
     package_data={"synthunlearn": ["assets/**/*"]},
     include_package_data=True,
     python_requires=">=3.10",
