@@ -1,5 +1,5 @@
 # synthunlearn: set-up, tests and the main job, from nothing.
-#   make demo   set up, then run the main job on the embedded default (tiny model + bundled data)
+#   make demo   set up, then run the paper's experiment in miniature (docs/experiment.md)
 #   make test   set up, then run the whole test suite (what CI runs)
 # The virtualenv lives in .venv; torch is installed first and pinned to the CPU/CUDA build on the
 # machine's local index (2.13.0), so the package's torch range installs nothing more.
