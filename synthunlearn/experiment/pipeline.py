@@ -308,14 +308,37 @@ def launcher_command(cfg: dict, phase: Phase) -> List[str]:
             "--deepspeed-config", str(REPO / cfg["deepspeed_config"]), *phase.args()]
 
 
+def inputs_digest(phase: Phase) -> str:
+    """Digest of the phase's inputs: every data file and starting model named in its overrides.
+
+    The command alone is not enough: data files are rewritten in place when the experiment's
+    data knobs change, and an upstream phase that reran leaves its ``final/`` at the same path."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for key in sorted(phase.overrides):
+        value = phase.overrides[key]
+        if not isinstance(value, str):
+            continue
+        path = Path(value)
+        target = path / "model.safetensors" if path.is_dir() else path
+        if target.is_file():
+            digest.update(key.encode())
+            with open(target, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
 def phase_done(phase: Phase, command: List[str]) -> bool:
     stamp = phase.out_dir / "phase.json"
     if not (phase.out_dir / "final" / "config.json").exists() or not stamp.exists():
         return False
     try:
-        return json.loads(stamp.read_text()).get("command") == command
+        recorded = json.loads(stamp.read_text())
     except ValueError:
         return False
+    return recorded.get("command") == command and recorded.get("inputs") == inputs_digest(phase)
 
 
 def run_phase(cfg: dict, phase: Phase, log) -> float:
@@ -337,7 +360,8 @@ def run_phase(cfg: dict, phase: Phase, log) -> float:
     if proc.returncode != 0 or not (phase.out_dir / "final" / "config.json").exists():
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{phase.name}: {' '.join(concrete)} exited {proc.returncode}\n{tail}")
-    (phase.out_dir / "phase.json").write_text(json.dumps({"command": command, "seconds": seconds}, indent=1))
+    (phase.out_dir / "phase.json").write_text(json.dumps({"command": command, "inputs": inputs_digest(phase),
+                                                          "seconds": seconds}, indent=1))
     log(f"{phase.name}: done in {seconds:.0f} s")
     return seconds
 
@@ -389,6 +413,7 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
 def _eval_signature(cfg: dict, model_dir: Path, baseline_dir: Path) -> str:
     stamp = json.loads((model_dir.parent / "phase.json").read_text())
     return json.dumps({"evaluation": cfg["evaluation"], "model_command": stamp["command"],
+                       "model_inputs": stamp.get("inputs"),
                        "baseline": str(baseline_dir), "world": cfg["world"]}, sort_keys=True)
 
 
