@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from synthunlearn.ops.memory_probe import peak_cpu_allocated_bytes  # noqa: E402
 from synthunlearn.ops.torch_reference import linear_logprob_kl_torch  # noqa: E402
 
 DEFAULT_SHAPES = {"cpu": [(2048, 128, 65536)], "cuda": [(8192, 2048, 128256), (16384, 4096, 128256)]}
@@ -161,27 +162,6 @@ def _time_steps(fn, inputs, device, warmup, repeats):
     return times, cpu_times
 
 
-def cpu_peak_extra_bytes(fn) -> int:
-    """Peak of the running (allocated - freed) bytes while ``fn`` runs, from profiler events."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-
-    def walk(nodes):
-        for node in nodes:
-            if node.typed[0] == _EventType.Allocation:
-                events.append((node.start_time_ns, node.typed[1].alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    total = peak = 0
-    for _, size in sorted(events):
-        total += size
-        peak = max(peak, total)
-    return peak
 
 
 def _peak_extra_bytes(fn, inputs, device):
@@ -194,7 +174,7 @@ def _peak_extra_bytes(fn, inputs, device):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     inputs[0].grad = inputs[1].grad = None  # the step's own gradients count as extra memory
-    return cpu_peak_extra_bytes(lambda: _step(fn, inputs))
+    return peak_cpu_allocated_bytes(lambda: _step(fn, inputs))
 
 
 def bench_one(name, shape, with_ref, args):

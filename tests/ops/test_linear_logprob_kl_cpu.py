@@ -14,6 +14,8 @@ import warnings
 import pytest
 import torch
 
+from synthunlearn.ops.memory_probe import peak_cpu_allocated_bytes
+
 os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                       os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "torch_extensions"))
 
@@ -231,28 +233,6 @@ def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
         linear_logprob_kl(hidden, weight, labels, ref_hidden, ref_weight, backend="cpu")
 
 
-def _peak_allocated_bytes(fn):
-    """Peak of (bytes allocated - bytes freed) through the c10 CPU allocator while ``fn`` runs, from
-    the profiler's allocation events (worker threads included)."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-
-    def walk(nodes):
-        for node in nodes:
-            if node.typed[0] == _EventType.Allocation:
-                events.append((node.start_time_ns, node.typed[1].alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    total = peak = 0
-    for _, size in sorted(events):
-        total += size
-        peak = max(peak, total)
-    return peak
 
 
 def _memory_case(n, d, vocab, seed=11):
@@ -286,7 +266,7 @@ def test_no_n_by_v_allocation(impl):
     try:
         step = _fwd_bwd(fn, case)
         step()  # warm-up (and the build, if any)
-        peak = _peak_allocated_bytes(step)
+        peak = peak_cpu_allocated_bytes(step)
         slots = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)
@@ -303,5 +283,5 @@ def test_memory_probe_sees_n_by_v_allocations():
     from synthunlearn.ops.torch_reference import linear_logprob_kl_torch
 
     n, vocab = 256, 8192
-    peak = _peak_allocated_bytes(_fwd_bwd(linear_logprob_kl_torch, _memory_case(n, 16, vocab)))
+    peak = peak_cpu_allocated_bytes(_fwd_bwd(linear_logprob_kl_torch, _memory_case(n, 16, vocab)))
     assert peak > 2 * n * vocab * 4
