@@ -80,6 +80,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, trainer_state: dict, *, r
     staging = staging_root / tag
     staging.mkdir(parents=True, exist_ok=True)
     torch.save(trainer_state, staging / f"trainer_state_rank{rank}.pt")
+    if os.environ.get("SYNTHUNLEARN_TEST_CRASH_IN_SAVE") == str(step):
+        os._exit(137)  # test-only: die like kill -9 with the save half done (files, no COMPLETE)
     barrier()  # every rank's files are on disk
     final = ckpt_dir / tag
     if is_main:

@@ -54,10 +54,14 @@ def _weights(out):
     return load_file(str(out / "final" / "model.safetensors"))
 
 
-def test_kill_resume_matches_uninterrupted(tmp_path, started):
-    reference = tmp_path / "uninterrupted"
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    reference = tmp_path_factory.mktemp("uninterrupted")
     run_job("unlearn", ["--output-dir", str(reference), *ARGS])
+    return _weights(reference)
 
+
+def test_kill_resume_matches_uninterrupted(tmp_path, started, uninterrupted):
     interrupted = tmp_path / "interrupted"
     proc = started(interrupted)
     _wait_for(interrupted / "checkpoints" / "global_step8" / "COMPLETE", proc)
@@ -67,12 +71,29 @@ def test_kill_resume_matches_uninterrupted(tmp_path, started):
     resumed = run_job("unlearn", ["--output-dir", str(interrupted), *ARGS])
     assert "resumed from" in resumed.stderr + resumed.stdout
 
-    got, want = _weights(interrupted), _weights(reference)
+    got, want = _weights(interrupted), uninterrupted
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
     # the metrics file describes one run: each step once
     steps = [m["step"] for m in read_metrics(interrupted) if "loss" in m]
     assert steps == list(range(1, 25))
+
+
+def test_crash_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, uninterrupted):
+    out = tmp_path / "crashed"
+    proc = run_job("unlearn", ["--output-dir", str(out), *ARGS], check=False,
+                   extra_env={"SYNTHUNLEARN_TEST_CRASH_IN_SAVE": "12"})
+    assert proc.returncode != 0
+    # the half-written save is there but not complete; the previous one is
+    assert (out / "checkpoints" / ".incomplete-global_step12").is_dir()
+    assert not (out / "checkpoints" / "global_step12").exists()
+    assert (out / "checkpoints" / "latest").read_text() == "global_step8"
+    resumed = run_job("unlearn", ["--output-dir", str(out), *ARGS])
+    assert "global_step8 at step 8" in resumed.stderr + resumed.stdout
+    assert not (out / "checkpoints" / ".incomplete-global_step12").exists()
+    got = _weights(out)
+    for name in uninterrupted:
+        torch.testing.assert_close(got[name], uninterrupted[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_sigterm_checkpoints_and_exits_zero(tmp_path, started):
