@@ -6,6 +6,7 @@ must be decided *before* DeepSpeed is imported, because DeepSpeed caches it on f
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ def init_distributed(local_rank_arg: int | None = None) -> DistEnv:
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
+    if accelerator == "cpu":
+        atexit.register(_unlink_cpu_allreduce_buffer, rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator == "cuda":
         torch.cuda.set_device(local_rank)
@@ -70,6 +73,19 @@ def init_distributed(local_rank_arg: int | None = None) -> DistEnv:
     else:
         device = torch.device("cpu")
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def _unlink_cpu_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_
+    <addr>_<port>_<rank> (~69 MB) and never unlinks it; with a new port per run they pile up
+    until /dev/shm (RAM) is full. Each rank removes its own at exit, when the peers have long
+    since mapped it (an unlinked segment stays valid for processes that map it)."""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:
+        pass
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -26,10 +26,10 @@ def job_env() -> dict:
     return env
 
 
-def deepspeed_cmd(job: str, nprocs: int, args: list[str]) -> list[str]:
+def deepspeed_cmd(job: str, nprocs: int, args: list[str], port: int | None = None) -> list[str]:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    return [launcher, "--num_gpus", str(nprocs), "--master_port", str(_port()), str(REPO / "launch" / f"{job}.py"),
-            *args]
+    return [launcher, "--num_gpus", str(nprocs), "--master_port", str(port or _port()),
+            str(REPO / "launch" / f"{job}.py"), *args]
 
 
 def _port() -> int:
@@ -42,9 +42,11 @@ def _port() -> int:
 def run_job(job: str, args: list[str], *, nprocs: int = 2, timeout: int = 300, check: bool = True,
             python: bool = False, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs a launcher; ``python=True`` runs a single plain python process instead of deepspeed."""
+    port = _port()
     cmd = ([sys.executable, str(REPO / "launch" / f"{job}.py"), *args] if python
-           else deepspeed_cmd(job, nprocs, args))
+           else deepspeed_cmd(job, nprocs, args, port))
     proc = subprocess.run(cmd, cwd=REPO, env={**job_env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout)
+    proc.master_port = port
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
                              f"\n--- stderr ---\n{proc.stderr[-6000:]}")

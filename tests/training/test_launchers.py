@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import time
 
 import pytest
@@ -19,9 +20,11 @@ def test_ten_steps_export_a_loadable_model(job, stage, tmp_path):
 
     out = tmp_path / f"{job}-{stage}"
     start = time.monotonic()
-    run_job(job, ["--output-dir", str(out), "--max-steps", "10", "--save-steps", "5",
-                  "--deepspeed-config", f"configs/deepspeed/{stage}.json", *QUIET])
+    proc = run_job(job, ["--output-dir", str(out), "--max-steps", "10", "--save-steps", "5",
+                         "--deepspeed-config", f"configs/deepspeed/{stage}.json", *QUIET])
     elapsed = time.monotonic() - start
+    # DeepSpeed's CPU all-reduce buffers (~69 MB each, in RAM) must not outlive the run
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{proc.master_port}_*")
     assert elapsed < 180, f"{job} {stage}: {elapsed:.0f}s"
     steps = [m for m in read_metrics(out) if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, 11))
