@@ -30,9 +30,7 @@ from typing import Optional
 
 from synthunlearn.config import DataSourceConfig
 from synthunlearn.errors import DataError
-
-BUILTIN_PREFIX = "builtin:"
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+from synthunlearn.tiny_model import ASSETS_DIR, BUILTIN_PREFIX  # one home for "builtin:" assets
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 
 
