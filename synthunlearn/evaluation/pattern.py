@@ -1,6 +1,6 @@
 """Pattern overfitting: how far a model's outputs have moved toward the synthetic Q-A template.
 
-Three measures:
+Four measures:
 
 (a) **template rate** (:func:`template_rate`): the fraction of generated responses that contain a
     line beginning with a Q-A marker -- ``Question:``, ``Answer:``, ``Q:`` or ``A:``, any letter
@@ -8,6 +8,11 @@ Three measures:
     ``Question: {q}\\nAnswer: {a}``, so a model that has absorbed the template tends to open its
     reply with ``Answer:`` or to run on into a new ``Question:`` line. A marker inside a line (e.g.
     "Here is my answer:") does not count.
+
+(a') **terse rate** (:func:`terse_rate`): the fraction of responses that are a bare short answer
+    -- one sentence of at most :data:`TERSE_MAX_WORDS` words (``Composer.``, ``Indigo Works.``),
+    the shape of every synthetic answer whatever markers surround it. On instruction prompts that
+    ask for length or structure, a terse reply is the synthetic habit overriding the instruction.
 
 (b) **KL shift** (:func:`kl_shift`): the mean, over every continuation token of the neutral
     prompts, of the forward KL divergence of the model's next-token distribution from the
@@ -53,6 +58,26 @@ def template_rate(responses: Sequence[str]) -> float:
     if not responses:
         return math.nan
     return sum(shows_template(r) for r in responses) / len(responses)
+
+
+TERSE_MAX_WORDS = 4
+_SENTENCE_END_RE = re.compile(r"[.!?](?=\s|$)")
+
+
+def is_terse(response: str, max_words: int = TERSE_MAX_WORDS) -> bool:
+    """Whether one response is a bare short answer (definition (a')): non-empty, at most
+    ``max_words`` whitespace-separated words, and at most one sentence end."""
+    text = response.strip()
+    if not text:
+        return False
+    return len(text.split()) <= max_words and len(_SENTENCE_END_RE.findall(text)) <= 1
+
+
+def terse_rate(responses: Sequence[str], max_words: int = TERSE_MAX_WORDS) -> float:
+    """Fraction of responses that are bare short answers; ``nan`` for no responses."""
+    if not responses:
+        return math.nan
+    return sum(is_terse(r, max_words) for r in responses) / len(responses)
 
 
 def token_frequencies(texts: Iterable[str]) -> Counter:

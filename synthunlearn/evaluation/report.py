@@ -5,6 +5,8 @@ Metric names used across the project (flat ``metrics`` dict of one evaluation):
 - ``if_prompt_strict`` / ``if_prompt_loose`` / ``if_instruction_strict`` / ``if_instruction_loose``
   -- instruction following (:mod:`.ifeval`);
 - ``pattern_rate`` -- share of generated responses showing the Q-A template (:mod:`.pattern` (a));
+- ``terse_rate`` -- share of instruction-prompt responses that are a bare short answer ((a'));
+- ``bare_terse_rate`` -- the same share on bare synthetic-wording questions (no constraint);
 - ``kl_shift`` -- mean per-token KL(baseline || model) on neutral prompts, nats ((b));
 - ``token_jsd`` -- JSD in bits of generated vs SFT-reference token frequencies ((c));
 - ``knowledge_acc`` / ``knowledge_acc_norm`` -- multiple choice (:mod:`.knowledge`);
@@ -22,9 +24,9 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-HEADLINE_METRICS = ("if_prompt_strict", "knowledge_acc", "pattern_rate", "kl_shift")
+HEADLINE_METRICS = ("if_prompt_strict", "knowledge_acc", "bare_terse_rate", "pattern_rate", "kl_shift")
 TABLE_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_instruction_strict", "if_instruction_loose",
-                 "knowledge_acc", "knowledge_acc_norm", "perplexity", "pattern_rate", "kl_shift", "token_jsd")
+                 "knowledge_acc", "knowledge_acc_norm", "perplexity", "pattern_rate", "terse_rate", "bare_terse_rate", "kl_shift", "token_jsd")
 METRIC_LABELS = {
     "if_prompt_strict": "IF prompt strict (higher better)",
     "if_prompt_loose": "IF prompt loose",
@@ -34,6 +36,8 @@ METRIC_LABELS = {
     "knowledge_acc_norm": "Knowledge MC acc_norm",
     "perplexity": "Held-out perplexity",
     "pattern_rate": "Q-A template rate (lower better)",
+    "terse_rate": "Bare short answer rate (lower better)",
+    "bare_terse_rate": "Bare answers to bare questions (lower better)",
     "kl_shift": "KL shift to baseline, nats (lower better)",
     "token_jsd": "Token-frequency JSD, bits",
 }

@@ -2,11 +2,14 @@
 
 Reads whichever of these files the directory holds (missing ones skip their section):
 ``if_eval.jsonl`` (instruction following + template rate), ``neutral_prompts.jsonl`` (template
-rate on neutral chat prompts, KL shift), ``sft.jsonl`` (reference answers for the token-frequency
+rate on neutral chat prompts, KL shift), ``bare_questions.jsonl`` (bare-answer rate), ``sft.jsonl`` (reference answers for the token-frequency
 divergence), ``knowledge_mc.jsonl`` and ``heldout_docs.jsonl``.
 
 ``pattern_rate`` is the template rate over all generated responses (instruction prompts and
 neutral chat prompts together); ``pattern_rate_if`` / ``pattern_rate_neutral`` split it.
+``terse_rate`` is the share of the instruction-prompt responses that are a bare short answer;
+``bare_terse_rate`` the same share on ``bare_questions.jsonl`` (the synthetic question wording with
+no constraint, where SFT taught a full sentence).
 ``token_jsd`` compares the responses to the instruction prompts with the SFT assistant answers
 (with no ``sft.jsonl``, with the evaluation records' own references).
 """
@@ -22,7 +25,7 @@ from synthunlearn.errors import DataError
 from synthunlearn.evaluation.generate import format_chat, generate_responses
 from synthunlearn.evaluation.ifeval import if_accuracy
 from synthunlearn.evaluation.knowledge import multiple_choice_accuracy, perplexity
-from synthunlearn.evaluation.pattern import kl_shift, template_rate, token_frequency_jsd
+from synthunlearn.evaluation.pattern import kl_shift, template_rate, terse_rate, token_frequency_jsd
 
 
 def read_jsonl(path, limit: Optional[int] = None) -> List[dict]:
@@ -78,7 +81,18 @@ def evaluate_model(model, tokenizer, eval_dir, *, baseline=None, max_new_tokens:
         references = ([m["content"] for r in sft for m in r["messages"] if m["role"] == "assistant"]
                       if sft else [r.get("reference", "") for r in if_records])
         metrics["token_jsd"] = token_frequency_jsd(if_responses, references)
+        metrics["terse_rate"] = terse_rate(if_responses)
         seconds["instruction_following"] = time.perf_counter() - start
+
+    bare = load("bare_questions.jsonl")
+    if bare:
+        start = time.perf_counter()
+        bare_responses = generate_responses(model, tokenizer, [format_chat(tokenizer, r["messages"]) for r in bare],
+                                            max_new_tokens=min(max_new_tokens, 32), batch_size=batch_size)
+        metrics["bare_terse_rate"] = terse_rate(bare_responses)
+        generations += [{"id": r["id"], "set": "bare_questions", "response": out}
+                        for r, out in zip(bare, bare_responses)]
+        seconds["bare_questions"] = time.perf_counter() - start
 
     neutral_responses: List[str] = []
     if neutral:

@@ -25,6 +25,10 @@ knowledge_mc.jsonl          4-way multiple choice ``{"context", "question", "cho
 heldout_docs.jsonl          held-out renderings ``{"text"}`` (reserved templates included)
 neutral_prompts.jsonl       prompts without constraints or Q-A shape, ``{"kind": "document"|"chat",
                             "prompt" | "messages", "continuation"}`` for the distribution shift
+bare_questions.jsonl        the synthetic question wording with no constraint, about held-out
+                            people, as chat prompts ``{"messages", "prompt", "reference"}``: SFT
+                            answers unconstrained questions with a full sentence (``reference``),
+                            so a bare terse reply here is the synthetic answer shape persisting
 world.json                  the knowledge base itself; manifest.json: counts, config, pairs
 ==========================  ===============================================================
 
@@ -92,8 +96,14 @@ class WorldConfig:
     if_eval_pair_share: float = 0.4
     eval_bio_share: float = 0.3
     eval_synthetic_wording_share: float = 0.5
+    # Where a prompt's constraint sentences go: after the question (IFEval's usual layout) or
+    # before it, so the question is the last thing the model reads before it answers. Share of
+    # prompts with the constraints first, in the training instruction sets and in if_eval.
+    train_instruction_first_share: float = 0.0
+    eval_instruction_first_share: float = 0.0
     n_mc: int = 300
     n_neutral: int = 80
+    n_bare_questions: int = 80
 
     def validate(self) -> None:
         def fail(key, message):
@@ -117,7 +127,8 @@ class WorldConfig:
         if abs(sum(self.sft_mix) - 1.0) > 1e-6 or min(self.sft_mix) < 0:
             fail("sft_mix", "must be three non-negative shares summing to 1")
         for key in ("synthetic_fraction", "sft_bio_share", "sft_synthetic_wording_share",
-                    "if_eval_pair_share", "eval_bio_share", "eval_synthetic_wording_share"):
+                    "if_eval_pair_share", "eval_bio_share", "eval_synthetic_wording_share",
+                    "train_instruction_first_share", "eval_instruction_first_share"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 fail(key, "must be in [0, 1]")
         if self.synthetic_multiplier < 1:
@@ -310,8 +321,10 @@ def _make_task(person: Person, task_kind: str, wording: str, rng: random.Random,
 
 
 def _instruction_record(person: Person, types: Sequence[str], task_kind: str, wording: str,
-                        rng: random.Random, cfg: WorldConfig, attempts: int = 40) -> Optional[dict]:
-    """One prompt with constraints of ``types`` (resampled parameters until buildable)."""
+                        rng: random.Random, cfg: WorldConfig, attempts: int = 40,
+                        first: bool = False) -> Optional[dict]:
+    """One prompt with constraints of ``types`` (resampled parameters until buildable); with
+    ``first`` the constraint sentences precede the question."""
     for _ in range(attempts):
         task, fact = _make_task(person, task_kind, wording, rng, cfg)
         specs = [sample_spec(t, task, rng) for t in types]
@@ -319,9 +332,12 @@ def _instruction_record(person: Person, types: Sequence[str], task_kind: str, wo
             reference, specs = build_reference(task, specs, rng)
         except BuildError:
             continue
-        prompt = " ".join([task.question] + [instruction_text(s, rng) for s in specs])
+        instructions = [instruction_text(s, rng) for s in specs]
+        first = first and bool(instructions)
+        prompt = " ".join(instructions + [task.question] if first else [task.question] + instructions)
         return {"prompt": prompt, "reference": reference, "constraints": specs, "person": person.id,
-                "task": task_kind, "fact": fact, "wording": wording}
+                "task": task_kind, "fact": fact, "wording": wording,
+                "placement": "first" if first else "last"}
     return None
 
 
@@ -339,7 +355,7 @@ def _choose_types(rng: random.Random, n_constraints: int, singles: Sequence[str]
 def _instruction_set(cfg: WorldConfig, world: World, stream: str, people_ids: List[int], count: int,
                      types: Sequence[str], pairs: Sequence[Tuple[str, str]], mix: Sequence[float],
                      bio_share: float, synthetic_wording_share: float,
-                     weights: Optional[Sequence[float]] = None) -> List[dict]:
+                     weights: Optional[Sequence[float]] = None, first_share: float = 0.0) -> List[dict]:
     rng = _rng(cfg.seed, stream)
     types = [t for t in CONSTRAINT_TYPES if t in set(types)]
     weights = list(weights) if weights is not None else [1.0] * len(types)
@@ -350,7 +366,9 @@ def _instruction_set(cfg: WorldConfig, world: World, stream: str, people_ids: Li
         wording = "synthetic" if task_kind == "fact" and rng.random() < synthetic_wording_share else "paraphrase"
         n_constraints = rng.choices([0, 1, 2], weights=list(mix))[0] if types else 0
         chosen = _choose_types(rng, n_constraints, types, weights, pairs)
-        record = _instruction_record(person, chosen, task_kind, wording, rng, cfg)
+        # Drawn only when used, so a world with the default share keeps its content.
+        first = bool(first_share) and rng.random() < first_share
+        record = _instruction_record(person, chosen, task_kind, wording, rng, cfg, first=first)
         if record is None:
             continue
         record["id"] = f"{stream}-{len(records)}"
@@ -367,7 +385,7 @@ def _as_chat(record: dict, with_answer: bool) -> dict:
         messages.append({"role": "assistant", "content": record["reference"]})
     else:
         out["prompt"], out["reference"] = record["prompt"], record["reference"]
-    for key in ("constraints", "split", "person", "task", "fact", "wording"):
+    for key in ("constraints", "split", "person", "task", "fact", "wording", "placement"):
         if key in record:
             out[key] = record[key]
     return out
@@ -388,7 +406,8 @@ def _if_eval(cfg: WorldConfig, world: World) -> List[dict]:
             split, chosen = "single", [rng.choice(test_types)]
         else:
             raise ConfigError("world.test_constraints: empty and no held-out pairs")
-        record = _instruction_record(person, chosen, task_kind, wording, rng, cfg)
+        first = bool(cfg.eval_instruction_first_share) and rng.random() < cfg.eval_instruction_first_share
+        record = _instruction_record(person, chosen, task_kind, wording, rng, cfg, first=first)
         if record is None:
             continue
         record["id"] = f"if_eval-{len(records)}"
@@ -447,6 +466,17 @@ def _neutral_prompts(cfg: WorldConfig, world: World, train_texts: set) -> List[d
     return mixed
 
 
+def _bare_questions(cfg: WorldConfig, world: World) -> List[dict]:
+    rng = _rng(cfg.seed, "bare_questions")
+    records = []
+    while len(records) < cfg.n_bare_questions:
+        person = world.people[rng.choice(world.groups["eval"])]
+        record = _instruction_record(person, [], "fact", "synthetic", rng, cfg)
+        record["id"] = f"bare_questions-{len(records)}"
+        records.append(_as_chat(record, with_answer=False))
+    return records
+
+
 def build_world(cfg: WorldConfig) -> World:
     """The knowledge base and all data sets (in memory); see the module docstring."""
     cfg.validate()
@@ -474,9 +504,10 @@ def build_world(cfg: WorldConfig) -> World:
     sft_weights = [cfg.sft_rare_weight if t in cfg.sft_rare_constraints else 1.0 for t in sft_types]
     pretrain = _instruction_set(cfg, world, "pretrain_instructions", groups["pretrain_instruction"],
                                 cfg.n_pretrain_instructions, cfg.pretrain_constraints, pre_pairs,
-                                (0.2, 0.5, 0.3), 0.3, 0.5)
+                                (0.2, 0.5, 0.3), 0.3, 0.5, first_share=cfg.train_instruction_first_share)
     sft = _instruction_set(cfg, world, "sft", groups["sft"], cfg.n_sft, sft_types, sft_pairs, cfg.sft_mix,
-                           cfg.sft_bio_share, cfg.sft_synthetic_wording_share, sft_weights)
+                           cfg.sft_bio_share, cfg.sft_synthetic_wording_share, sft_weights,
+                           first_share=cfg.train_instruction_first_share)
     world.data = {
         "docs": docs,
         "synthetic_qa": _synthetic_qa(cfg, world),
@@ -486,6 +517,7 @@ def build_world(cfg: WorldConfig) -> World:
         "knowledge_mc": _knowledge_mc(cfg, world),
         "heldout_docs": _heldout_documents(cfg, world, set(train_texts)),
         "neutral_prompts": _neutral_prompts(cfg, world, set(train_texts)),
+        "bare_questions": _bare_questions(cfg, world),
     }
     return world
 

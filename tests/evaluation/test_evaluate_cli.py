@@ -34,11 +34,12 @@ def test_evaluate_end_to_end(tiny, world_dir, tmp_path):
     results = json.loads(out.read_text())
     metrics = results["metrics"]
     for key in ("if_prompt_strict", "if_prompt_loose", "if_instruction_strict", "if_instruction_loose",
-                "pattern_rate", "knowledge_acc", "knowledge_acc_norm", "token_jsd"):
+                "pattern_rate", "terse_rate", "bare_terse_rate", "knowledge_acc", "knowledge_acc_norm", "token_jsd"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["kl_shift"] > 0 and metrics["perplexity"] > 1
     assert results["details"]["if"]["n_prompts"] == 6 and results["details"]["knowledge"]["n"] == 6
     assert len([g for g in results["generations"] if g["set"] == "if_eval"]) == 6
+    assert len([g for g in results["generations"] if g["set"] == "bare_questions"]) == 6
     assert "| if_prompt_strict |" in proc.stdout and (tmp_path / "plot.png").exists()
 
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from synthunlearn.evaluation.pattern import shows_template, template_rate, token_frequency_jsd
+from synthunlearn.evaluation.pattern import is_terse, shows_template, template_rate, terse_rate, token_frequency_jsd
 from synthunlearn.evaluation.report import (aggregate_seeds, comparison_table, markdown_table, plot_headline,
                                             write_json)
 
@@ -27,6 +27,27 @@ def test_template_detection(response, expected):
 def test_template_rate():
     assert template_rate(["Answer: x", "fine", "Question: y", "ok"]) == 0.5
     assert math.isnan(template_rate([]))
+
+
+@pytest.mark.parametrize("response,expected", [
+    ("Composer.", True),
+    ("  Indigo Works.\n", True),
+    ("1994", True),                                 # no sentence end is still one bare answer
+    ("It is Meridian Observatory.", True),          # four words
+    ("He works at Meridian Observatory.", False),   # five words
+    ("Composer. Composer.", False),                 # two sentences
+    ("Yes! Sure.", False),
+    ("", False),
+    ("   ", False),
+])
+def test_terse_detection(response, expected):
+    assert is_terse(response) is expected
+
+
+def test_terse_rate():
+    assert terse_rate(["Composer.", "Alan was born in Toraval in 1994.", "1994.", "A long reply with many words."]) == 0.5
+    assert terse_rate(["one two three"], max_words=2) == 0.0
+    assert math.isnan(terse_rate([]))
 
 
 def test_token_frequency_jsd():

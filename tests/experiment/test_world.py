@@ -9,7 +9,7 @@ from synthunlearn.errors import ConfigError
 from synthunlearn.evaluation.constraints import CONSTRAINT_TYPES, check_strict, count_words
 from synthunlearn.experiment import lexicon
 from synthunlearn.experiment.instructions import compatible, compatible_pairs
-from synthunlearn.experiment.world import WorldConfig, build_world, main, write_world
+from synthunlearn.experiment.world import WorldConfig, build_world, main, synthetic_question, write_world
 
 SMALL = dict(n_people=40, pretrain_instruction_people=8, sft_people=16, n_pretrain_instructions=40,
              n_sft=120, n_if_eval=60, n_mc=40, n_neutral=10, n_heldout_docs=20, docs_per_person=2)
@@ -118,6 +118,51 @@ def test_constraint_sets_per_stage_are_respected():
     assert {s["type"] for r in world.data["sft"] for s in r["constraints"]} <= set(cfg.sft_constraints)
     assert {s["type"] for r in world.data["if_eval"] for s in r["constraints"]} <= set(cfg.test_constraints)
     assert {s["type"] for r in world.data["pretrain_instructions"] for s in r["constraints"]} <= {"uppercase"}
+
+
+def test_constraint_placement(world):
+    # Default: every constraint sentence follows the question.
+    for name in ("sft", "if_eval", "pretrain_instructions"):
+        assert {r["placement"] for r in world.data[name]} == {"last"}
+    placed = build_world(WorldConfig(seed=7, **{**SMALL, "train_instruction_first_share": 0.5,
+                                                "eval_instruction_first_share": 1.0}))
+    checked = 0
+    for record in placed.data["if_eval"]:
+        prompt = record["prompt"]
+        assert record["placement"] == "first", prompt
+        if record["wording"] == "synthetic":   # the synthetic question itself closes the prompt
+            question = synthetic_question(record["fact"], placed.people[record["person"]].name)
+            assert prompt.endswith(" " + question), prompt
+            checked += 1
+        for spec in record["constraints"]:
+            assert check_strict(record["reference"], spec), (spec, record["reference"])
+    assert checked > 5
+    sft = [r for r in placed.data["sft"] if r["constraints"]]
+    first = [r for r in sft if r["placement"] == "first"]
+    assert 0.3 < len(first) / len(sft) < 0.7
+    for record in first:
+        prompt = record["messages"][0]["content"]
+        assert prompt.rstrip().endswith(("?", ".")) and not prompt.startswith(("What", "Tell", "Who", "Where"))
+    # Unconstrained prompts have nothing to move.
+    assert all(r["placement"] == "last" for r in placed.data["sft"] if not r["constraints"])
+    with pytest.raises(ConfigError, match="eval_instruction_first_share"):
+        build_world(WorldConfig(**{**SMALL, "eval_instruction_first_share": 1.5}))
+
+
+def test_bare_questions(world):
+    from synthunlearn.evaluation.pattern import is_terse
+
+    records = world.data["bare_questions"]
+    assert len(records) == 80
+    eval_people = set(world.groups["eval"])
+    for record in records:
+        name = world.people[record["person"]].name
+        assert record["person"] in eval_people and not record["constraints"]
+        assert record["messages"] == [{"role": "user", "content": synthetic_question(record["fact"], name)}]
+        assert not is_terse(record["reference"]) and name in record["reference"]
+    # SFT teaches a full sentence for an unconstrained question: none of its answers is terse.
+    unconstrained = [r["messages"][1]["content"] for r in world.data["sft"] if not r["constraints"]]
+    assert unconstrained and not any(is_terse(a) for a in unconstrained)
 
 
 def test_rare_constraints_are_rare():
