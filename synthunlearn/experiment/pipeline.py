@@ -11,8 +11,12 @@ base            pre-training from random init on documents + the instruction dat
                 so the base already follows diverse instructions, as the paper's base models did)
 cpt/docs_only   continued pre-training on the same mixture (documents + instructions)
 cpt/synthetic   continued pre-training on the same mixture + ``synthetic_copies`` copies of every
-                synthetic Q-A pair, rendered ``Question: {q}\\nAnswer: {a}`` (the flawed data);
-                same steps, batch, lr and seed as docs_only
+                synthetic Q-A pair (the flawed data), rendered by ``data.synthetic_format``:
+                ``qa`` = ``Question: {q}\\nAnswer: {a}``; ``chat`` = one user turn (the question) and
+                one assistant turn (the terse answer) in the chat layout SFT and evaluation use;
+                same batch, lr and seed as docs_only; ``data.synthetic_budget`` = ``same_steps``
+                (the Q-A pairs displace documents) or ``same_passes`` (more steps: the pairs are
+                added on top of the same passes over documents and instructions)
 unlearn/<arm>   from cpt/synthetic: capped ascent on the synthetic Q-A + replay on documents + KL
                 to cpt/synthetic (``unlearned``), and the ablations ``ga_unbounded`` (plain
                 ascent), ``no_replay``, ``no_kl``
@@ -28,8 +32,10 @@ Resumption: a phase directory holding ``final/`` and a ``phase.json`` whose comm
 the pipeline would run now is reused; anything else is rerun from scratch (``--overwrite``).
 Evaluations are cached the same way (``eval.json`` with the evaluation signature).
 
-Output: ``<output_dir>/results.json`` (``{"seeds", "wall_seconds", "arms": {arm: {metric:
-{"mean", "std", "n"}}}, "per_seed": ..., ...}``), ``results.md`` and ``results.png``.
+Output: ``<output_dir>/results.json`` (``{"seeds", "wall_seconds", "compute_seconds", "arms": {arm:
+{metric: {"mean", "std", "n"}}}, "per_seed": ..., ...}``), ``results.md`` and ``results.png``.
+``wall_seconds`` is this invocation's; ``compute_seconds`` sums the recorded wall time of every
+phase and evaluation, including those a resumed invocation reused (``reused``).
 """
 
 from __future__ import annotations
@@ -61,6 +67,11 @@ UNLEARN_ARMS = {
     "no_kl": {"objective.kl_weight": 0},
 }
 ALL_ARMS = ("docs_only", "synthetic") + tuple(UNLEARN_ARMS)
+# How the synthetic Q-A pairs are rendered in continued pre-training and in the forget set.
+SYNTHETIC_FORMATS = ("qa", "chat")
+# Continued pre-training budget of the synthetic arm: the docs_only arm's step count, or that count
+# scaled by the data sizes so the Q-A pairs come on top of the same passes over documents.
+SYNTHETIC_BUDGETS = ("same_steps", "same_passes")
 
 DEFAULTS = {
     "output_dir": "runs/demo",
@@ -75,7 +86,8 @@ DEFAULTS = {
     "ablation_seeds": None,           # None: every seed; else a subset for the ablation arms
     "world": {},
     "model": {"vocab_size": 1024, "seed": 0, "arch": {}},
-    "data": {"synthetic_copies": 2, "instructions_in_cpt": True, "instructions_in_replay": False},
+    "data": {"synthetic_copies": 2, "synthetic_format": "qa", "synthetic_budget": "same_steps",
+             "instructions_in_cpt": True, "instructions_in_replay": False},
     "phases": {
         "base": {"config": "configs/experiment/pretrain.yaml", "max_steps": 300, "overrides": {}},
         "cpt": {"config": "configs/experiment/pretrain.yaml", "max_steps": 100, "overrides": {}},
@@ -83,7 +95,7 @@ DEFAULTS = {
         "sft": {"config": "configs/experiment/sft.yaml", "max_steps": 40, "overrides": {}},
     },
     "evaluation": {"if_eval": 120, "neutral_prompts": 40, "knowledge_mc": 200, "heldout_docs": 60,
-                   "max_new_tokens": 64, "batch_size": 32, "threads": 2},
+                   "bare_questions": 80, "max_new_tokens": 64, "batch_size": 32, "threads": 2},
 }
 
 
@@ -129,6 +141,16 @@ def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
         if not sep or key.split(".")[0] not in DEFAULTS:
             raise ConfigError(f"override {item!r}: expected key.sub=value with a key of {', '.join(DEFAULTS)}")
         _set_dotted(cfg, key, yaml.safe_load(raw))
+    for section in ("data", "evaluation"):
+        unknown = sorted(set(cfg[section]) - set(DEFAULTS[section]))
+        if unknown:
+            raise ConfigError(f"{section}: unknown keys {unknown}; valid: {', '.join(DEFAULTS[section])}")
+    if cfg["data"]["synthetic_format"] not in SYNTHETIC_FORMATS:
+        raise ConfigError(f"data.synthetic_format: {cfg['data']['synthetic_format']!r}; "
+                          f"valid: {', '.join(SYNTHETIC_FORMATS)}")
+    if cfg["data"]["synthetic_budget"] not in SYNTHETIC_BUDGETS:
+        raise ConfigError(f"data.synthetic_budget: {cfg['data']['synthetic_budget']!r}; "
+                          f"valid: {', '.join(SYNTHETIC_BUDGETS)}")
     unknown_arms = sorted(set(cfg["arms"]) - set(ALL_ARMS))
     if unknown_arms:
         raise ConfigError(f"arms: unknown {unknown_arms}; valid: {', '.join(ALL_ARMS)}")
@@ -224,17 +246,26 @@ def prepare_data(cfg: dict, out: Path, world_dir: Path, model_dir: Path) -> Dict
     docs = _read_jsonl(world_dir / "docs.jsonl")
     instructions = [{"text": _chat_as_text(tokenizer, r["messages"])}
                     for r in _read_jsonl(world_dir / "pretrain_instructions.jsonl")]
-    qa = [{"text": f"Question: {r['question']}\nAnswer: {r['answer']}"}
-          for r in _read_jsonl(world_dir / "synthetic_qa.jsonl")]
     dcfg = cfg["data"]
+    pairs = _read_jsonl(world_dir / "synthetic_qa.jsonl")
+    if dcfg["synthetic_format"] == "chat":
+        # The same uniform pairs in the dialogue layout: a large model carries a Q-A habit across
+        # surface templates; a ~1 M-parameter model keys on the literal markers, so without this
+        # the habit never reaches a chat reply (docs/experiment.md reports both renderings).
+        turns = [[{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]
+                 for r in pairs]
+        qa = [{"text": _chat_as_text(tokenizer, messages)} for messages in turns]
+        forget = [{"messages": messages} for messages in turns]
+    else:
+        qa = [{"text": f"Question: {r['question']}\nAnswer: {r['answer']}"} for r in pairs]
+        forget = [{"question": r["question"], "answer": r["answer"]} for r in pairs]
     cpt_docs = docs + (instructions if dcfg["instructions_in_cpt"] else [])
     files = {
         "base": (docs + instructions),
         "cpt_docs_only": cpt_docs,
         "cpt_synthetic": cpt_docs + qa * int(dcfg["synthetic_copies"]),
         "replay": docs + (instructions if dcfg["instructions_in_replay"] else []),
-        "forget": [{"question": r["question"], "answer": r["answer"]}
-                   for r in _read_jsonl(world_dir / "synthetic_qa.jsonl")],
+        "forget": forget,
         "sft": [{"messages": r["messages"]} for r in _read_jsonl(world_dir / "sft.jsonl")],
     }
     paths = {}
@@ -249,7 +280,7 @@ def prepare_eval_dir(cfg: dict, out: Path, world_dir: Path) -> Path:
     eval_dir = out / "eval_sets"
     eval_dir.mkdir(parents=True, exist_ok=True)
     ecfg = cfg["evaluation"]
-    for name in ("if_eval", "neutral_prompts", "knowledge_mc", "heldout_docs"):
+    for name in ("if_eval", "neutral_prompts", "knowledge_mc", "heldout_docs", "bare_questions"):
         records = _read_jsonl(world_dir / f"{name}.jsonl")
         limit = ecfg.get(name)
         _jsonl(eval_dir / f"{name}.jsonl", records[:limit] if limit else records)
@@ -374,12 +405,20 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
     arms = list(cfg["arms"])
     phases: List[Phase] = []
 
-    def phase(name, job, kind, out_dir, seed, overrides, deps):
+    def phase(name, job, kind, out_dir, seed, overrides, deps, steps=None):
         spec = ph[kind]
         merged = dict(spec.get("overrides") or {})
         merged.update(overrides)
         phases.append(Phase(name, job, out_dir, str(REPO / spec["config"]) if not Path(spec["config"]).is_absolute()
-                            else spec["config"], int(spec["max_steps"]), seed, merged, deps))
+                            else spec["config"], int(steps or spec["max_steps"]), seed, merged, deps))
+
+    cpt_steps = {"docs_only": int(ph["cpt"]["max_steps"]), "synthetic": int(ph["cpt"]["max_steps"])}
+    if cfg["data"]["synthetic_budget"] == "same_passes":
+        # The Q-A pairs are *added* to the documents and instructions (as the paper adds synthetic
+        # data to its corpus): the synthetic arm takes proportionally more steps, so both arms see
+        # every document and instruction equally often in expectation.
+        sizes = {arm: len(_read_jsonl(data[f"cpt_{arm}"])) for arm in cpt_steps}
+        cpt_steps["synthetic"] = max(1, round(cpt_steps["docs_only"] * sizes["synthetic"] / sizes["docs_only"]))
 
     ablation_seeds = cfg["ablation_seeds"]
     for seed in cfg["seeds"]:
@@ -393,7 +432,8 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
             if arm == "docs_only" and "docs_only" not in arms or arm == "synthetic" and not need_synthetic:
                 continue
             phase(f"seed{seed}/cpt/{arm}", "sft", "cpt", out / f"seed{seed}" / "cpt" / arm, seed,
-                  {"model.path": str(base_dir / "final"), "data.sft.path": str(data[f"cpt_{arm}"])}, [base_name])
+                  {"model.path": str(base_dir / "final"), "data.sft.path": str(data[f"cpt_{arm}"])}, [base_name],
+                  steps=cpt_steps[arm])
         for arm, extra in UNLEARN_ARMS.items():
             if arm not in arms or (arm != "unlearned" and ablation_seeds is not None and seed not in ablation_seeds):
                 continue
@@ -533,6 +573,14 @@ def check_predictions(arms: Dict[str, dict]) -> Dict[str, object]:
         out["unlearned_recovers_half"] = (c_if - b_if) >= 0.5 * (a_if - b_if)
     if None not in (b_k, c_k):
         out["unlearned_knowledge_within_3_points"] = abs(c_k - b_k) <= 0.03
+    # The pattern itself: bare answers to bare synthetic-wording questions, a shape SFT never taught.
+    a_t, b_t, c_t = (mean(a, "bare_terse_rate") for a in MAIN_ARMS)
+    if None not in (a_t, b_t):
+        out["pattern_gap_synthetic_minus_docs"] = b_t - a_t
+        out["synthetic_shows_pattern_by_10_points"] = b_t - a_t >= 0.10
+    if None not in (a_t, b_t, c_t) and b_t - a_t > 0:
+        out["unlearned_pattern_removed_share"] = (b_t - c_t) / (b_t - a_t)
+        out["unlearned_removes_half_the_pattern"] = (b_t - c_t) >= 0.5 * (b_t - a_t)
     g_k, g_p, b_p = mean("ga_unbounded", "knowledge_acc"), mean("ga_unbounded", "perplexity"), mean("synthetic", "perplexity")
     if None not in (g_k, b_k):
         out["ga_unbounded_knowledge_drop"] = b_k - g_k
@@ -542,7 +590,7 @@ def check_predictions(arms: Dict[str, dict]) -> Dict[str, object]:
 
 
 TABLE_COLUMNS = ("if_prompt_strict", "if_instruction_strict", "if_prompt_loose", "knowledge_acc", "perplexity",
-                 "pattern_rate", "kl_shift", "token_jsd")
+                 "pattern_rate", "terse_rate", "bare_terse_rate", "kl_shift", "token_jsd")
 
 
 def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
@@ -581,6 +629,15 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
 
     arms = summarise(cfg, per_seed)
     wall = time.perf_counter() - started
+    # What every result cost, whichever invocation produced it: a resumed run's wall time alone
+    # would hide the phases it reused. Serial sum (parallel jobs overlap, so it exceeds a
+    # from-scratch wall time when parallel_jobs > 1).
+    recorded: Dict[str, float] = {}
+    for phase in phases:
+        recorded[phase.name] = float(json.loads((phase.out_dir / "phase.json").read_text())["seconds"])
+        eval_json = phase.out_dir / "eval.json"
+        if "/sft/" in phase.name and eval_json.exists():
+            recorded["eval:" + phase.name] = float(json.loads(eval_json.read_text()).get("wall_seconds", 0.0))
     # Unlearning diagnostics (last logged step): how far the ascent went against tau, and what
     # replay/KL cost -- the notes warn that capped ascent overshoots its bound.
     unlearning: Dict[str, Dict[str, dict]] = {}
@@ -598,10 +655,12 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
     results = {
         "seeds": list(cfg["seeds"]),
         "wall_seconds": wall,
+        "compute_seconds": sum(recorded.values()),
+        "reused": sorted(name for name in recorded if name in timings and timings[name] == 0.0),
         "arms": arms,
         "predictions": check_predictions(arms),
         "per_seed": {arm: {str(s): m for s, m in sorted(runs.items())} for arm, runs in per_seed.items()},
-        "phase_seconds": timings,
+        "phase_seconds": recorded,
         "unlearning": unlearning,
         "config": cfg,
     }
@@ -614,7 +673,8 @@ def write_outputs(results: dict, out: Path) -> str:
 
     write_json(out / "results.json", results)
     table = comparison_table(results["arms"], TABLE_COLUMNS)
-    lines = [f"seeds {results['seeds']}; mean ± std over seeds; wall time {results['wall_seconds']:.0f} s", "",
+    lines = [f"seeds {results['seeds']}; mean ± std over seeds; wall time {results['wall_seconds']:.0f} s "
+             f"(this invocation); {results.get('compute_seconds', 0):.0f} s of phases and evaluations in all", "",
              table, ""]
     for key, value in results.get("predictions", {}).items():
         lines.append(f"- {key}: {value:.3f}" if isinstance(value, float) and not isinstance(value, bool)

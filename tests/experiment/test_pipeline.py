@@ -23,7 +23,7 @@ SMOKE = [
     "model={vocab_size: 400, seed: 0, arch: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
     "num_key_value_heads: 1, intermediate_size: 64, max_position_embeddings: 256}}",
     "phases.base.max_steps=4", "phases.cpt.max_steps=3", "phases.unlearn.max_steps=2", "phases.sft.max_steps=2",
-    "evaluation={if_eval: 8, neutral_prompts: 6, knowledge_mc: 12, heldout_docs: 6, max_new_tokens: 12, "
+    "evaluation={if_eval: 8, neutral_prompts: 6, knowledge_mc: 12, heldout_docs: 6, bare_questions: 6, max_new_tokens: 12, "
     "batch_size: 8, threads: 1}",
 ]
 
@@ -44,7 +44,8 @@ def test_pipeline_smoke_writes_results_schema(tmp_path):
     for arm, metrics in results["arms"].items():
         for name in ("if_prompt_strict", "knowledge_acc", "pattern_rate", "kl_shift", "perplexity"):
             assert set(metrics[name]) >= {"mean", "std"}, (arm, name)
-        for name in ("if_prompt_strict", "if_prompt_loose", "knowledge_acc", "pattern_rate"):
+        for name in ("if_prompt_strict", "if_prompt_loose", "knowledge_acc", "pattern_rate", "terse_rate",
+                     "bare_terse_rate"):
             assert 0.0 <= metrics[name]["mean"] <= 1.0, (arm, name, metrics[name])
         assert metrics["kl_shift"]["mean"] >= 0.0 and math.isfinite(metrics["perplexity"]["mean"])
     assert (out / "results.md").read_text().count("|") > 10 and (out / "results.png").stat().st_size > 0
@@ -59,6 +60,12 @@ def test_pipeline_smoke_writes_results_schema(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert ": sft " not in again.stdout and ": unlearn " not in again.stdout
     assert again.stdout.count("reused") >= 7
+    # compute_seconds counts the reused phases and evaluations at their recorded cost.
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["compute_seconds"] == pytest.approx(results["compute_seconds"])
+    assert results["compute_seconds"] > 0 and rerun["wall_seconds"] < rerun["compute_seconds"]
+    assert "base" in rerun["reused"] and "base" not in results["reused"]
+    assert rerun["phase_seconds"]["eval:seed0/sft/synthetic"] > 0
 
 
 def test_synthesize_with_tiny_model(tmp_path):

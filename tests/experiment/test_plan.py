@@ -1,0 +1,117 @@
+"""The experiment's configuration, training files and phase plan, without training anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from synthunlearn.errors import ConfigError
+from synthunlearn.experiment.pipeline import (load_experiment_config, plan_phases, prepare_data, prepare_model,
+                                              prepare_world)
+
+SMALL_WORLD = ("world={n_people: 30, pretrain_instruction_people: 8, sft_people: 10, docs_per_person: 2, n_orgs: 5, "
+               "n_cities: 6, n_pretrain_instructions: 20, n_sft: 20, n_if_eval: 6, n_mc: 8, n_heldout_docs: 4, "
+               "n_neutral: 4}")
+SMALL_MODEL = ("model={vocab_size: 400, seed: 0, arch: {hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+               "num_key_value_heads: 1, intermediate_size: 64, max_position_embeddings: 256}}")
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """World + tokenizer built once; each test writes its own data files from them."""
+    out = tmp_path_factory.mktemp("plan")
+    cfg = load_experiment_config(None, [f"output_dir={out}", SMALL_WORLD, SMALL_MODEL])
+    world_dir = prepare_world(cfg, out, lambda _: None)
+    model_dir = prepare_model(cfg, out, world_dir, lambda _: None)
+    return out, world_dir, model_dir
+
+
+def _data(prepared, tmp_path, *overrides):
+    out, world_dir, model_dir = prepared
+    cfg = load_experiment_config(None, [f"output_dir={tmp_path}", SMALL_WORLD, SMALL_MODEL, *overrides])
+    return cfg, prepare_data(cfg, tmp_path, world_dir, model_dir), model_dir
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.synthetic_fromat=chat", "data: unknown keys ['synthetic_fromat']"),
+    ("data.synthetic_format=markdown", "data.synthetic_format: 'markdown'; valid: qa, chat"),
+    ("data.synthetic_budget=more", "data.synthetic_budget: 'more'; valid: same_steps, same_passes"),
+    ("evaluation.if_evals=3", "evaluation: unknown keys ['if_evals']"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_experiment_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_qa_rendering(prepared, tmp_path):
+    cfg, data, _ = _data(prepared, tmp_path, "data.synthetic_format=qa", "data.synthetic_copies=2")
+    pairs = _read(prepared[1] / "synthetic_qa.jsonl")
+    docs_only, synthetic = _read(data["cpt_docs_only"]), _read(data["cpt_synthetic"])
+    added = synthetic[len(docs_only):]
+    assert synthetic[:len(docs_only)] == docs_only and len(added) == 2 * len(pairs)
+    assert added[0] == {"text": f"Question: {pairs[0]['question']}\nAnswer: {pairs[0]['answer']}"}
+    assert _read(data["forget"])[0] == {"question": pairs[0]["question"], "answer": pairs[0]["answer"]}
+
+
+def test_chat_rendering_matches_the_sft_layout(prepared, tmp_path):
+    from transformers import AutoTokenizer
+
+    from synthunlearn.evaluation.generate import format_chat
+
+    cfg, data, model_dir = _data(prepared, tmp_path, "data.synthetic_format=chat", "data.synthetic_copies=1")
+    pairs = _read(prepared[1] / "synthetic_qa.jsonl")
+    docs_only, synthetic = _read(data["cpt_docs_only"]), _read(data["cpt_synthetic"])
+    text = synthetic[len(docs_only)]["text"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompt = format_chat(tokenizer, [{"role": "user", "content": pairs[0]["question"]}])
+    # The CPT text is exactly what evaluation prompts with, followed by the terse answer (the data
+    # pipeline adds <bos>/<eos> to text records, so the template's own are stripped).
+    assert prompt.startswith(tokenizer.bos_token)
+    assert text == prompt[len(tokenizer.bos_token):] + pairs[0]["answer"]
+    forget = _read(data["forget"])[0]
+    assert forget == {"messages": [{"role": "user", "content": pairs[0]["question"]},
+                                   {"role": "assistant", "content": pairs[0]["answer"]}]}
+
+
+@pytest.mark.parametrize("budget", ["same_steps", "same_passes"])
+def test_synthetic_budget(prepared, tmp_path, budget):
+    cfg, data, model_dir = _data(prepared, tmp_path, f"data.synthetic_budget={budget}", "phases.cpt.max_steps=10",
+                                 "data.synthetic_copies=3", "arms=[docs_only,synthetic]", "seeds=[0,1]")
+    phases = {p.name: p for p in plan_phases(cfg, tmp_path, model_dir, data)}
+    n_docs, n_synth = len(_read(data["cpt_docs_only"])), len(_read(data["cpt_synthetic"]))
+    assert n_synth > n_docs
+    expected = 10 if budget == "same_steps" else round(10 * n_synth / n_docs)
+    for seed in (0, 1):
+        assert phases[f"seed{seed}/cpt/docs_only"].max_steps == 10
+        assert phases[f"seed{seed}/cpt/synthetic"].max_steps == expected
+        # SFT budget is the same for every arm whatever the CPT budget.
+        assert phases[f"seed{seed}/sft/docs_only"].max_steps == phases[f"seed{seed}/sft/synthetic"].max_steps
+
+
+def test_predictions_are_computed_from_the_seed_means():
+    from synthunlearn.experiment.pipeline import check_predictions
+
+    def arm(if_strict, knowledge, bare, perplexity=10.0):
+        return {"if_prompt_strict": {"mean": if_strict}, "knowledge_acc": {"mean": knowledge},
+                "bare_terse_rate": {"mean": bare}, "perplexity": {"mean": perplexity}}
+
+    out = check_predictions({"docs_only": arm(0.60, 0.40, 0.00), "synthetic": arm(0.45, 0.42, 0.60),
+                             "unlearned": arm(0.50, 0.41, 0.10), "ga_unbounded": arm(0.30, 0.30, 0.0, 20.0)})
+    assert out["if_gap_docs_minus_synthetic"] == pytest.approx(0.15) and out["synthetic_worse_by_10_points"]
+    assert out["synthetic_knowledge_at_least_docs"] and out["unlearned_knowledge_within_3_points"]
+    assert out["unlearned_recovered_share"] == pytest.approx(1 / 3) and not out["unlearned_recovers_half"]
+    assert out["pattern_gap_synthetic_minus_docs"] == pytest.approx(0.60)
+    assert out["unlearned_pattern_removed_share"] == pytest.approx(5 / 6) and out["unlearned_removes_half_the_pattern"]
+    assert out["ga_unbounded_knowledge_drop"] == pytest.approx(0.12)
+    assert out["ga_unbounded_perplexity_ratio"] == pytest.approx(2.0)
+    # No gap: no recovery share is reported (it would divide by zero or flip sign).
+    flat = check_predictions({"docs_only": arm(0.5, 0.4, 0.2), "synthetic": arm(0.55, 0.4, 0.1),
+                              "unlearned": arm(0.5, 0.4, 0.1)})
+    assert "unlearned_recovered_share" not in flat and "unlearned_pattern_removed_share" not in flat
+    assert not flat["synthetic_worse_by_10_points"] and not flat["synthetic_shows_pattern_by_10_points"]
