@@ -122,6 +122,17 @@ def _set_dotted(cfg: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
+def _check_arch(arch) -> None:
+    """``model.arch`` keys must be LlamaConfig fields (LlamaConfig itself stores any typo silently)."""
+    if not isinstance(arch, dict):
+        raise ConfigError("model.arch: expected a mapping of LlamaConfig fields")
+    from transformers import LlamaConfig
+
+    unknown = sorted(set(arch) - set(LlamaConfig().to_dict()))
+    if unknown:
+        raise ConfigError(f"model.arch: unknown LlamaConfig fields {unknown}")
+
+
 def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
     """DEFAULTS <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML)."""
     cfg = copy.deepcopy(DEFAULTS)
@@ -141,10 +152,16 @@ def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
         if not sep or key.split(".")[0] not in DEFAULTS:
             raise ConfigError(f"override {item!r}: expected key.sub=value with a key of {', '.join(DEFAULTS)}")
         _set_dotted(cfg, key, yaml.safe_load(raw))
-    for section in ("data", "evaluation"):
+    for section in ("data", "evaluation", "model", "phases"):
         unknown = sorted(set(cfg[section]) - set(DEFAULTS[section]))
         if unknown:
             raise ConfigError(f"{section}: unknown keys {unknown}; valid: {', '.join(DEFAULTS[section])}")
+    for name, spec in cfg["phases"].items():
+        unknown = sorted(set(spec) - set(DEFAULTS["phases"][name])) if isinstance(spec, dict) else None
+        if unknown is None or unknown:
+            raise ConfigError(f"phases.{name}: expected a mapping of {', '.join(DEFAULTS['phases'][name])}"
+                              + (f"; unknown keys {unknown}" if unknown else ""))
+    _check_arch(cfg["model"].get("arch") or {})
     if cfg["data"]["synthetic_format"] not in SYNTHETIC_FORMATS:
         raise ConfigError(f"data.synthetic_format: {cfg['data']['synthetic_format']!r}; "
                           f"valid: {', '.join(SYNTHETIC_FORMATS)}")

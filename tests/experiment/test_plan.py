@@ -42,6 +42,11 @@ def _data(prepared, tmp_path, *overrides):
     ("data.synthetic_format=markdown", "data.synthetic_format: 'markdown'; valid: qa, chat"),
     ("data.synthetic_budget=more", "data.synthetic_budget: 'more'; valid: same_steps, same_passes"),
     ("evaluation.if_evals=3", "evaluation: unknown keys ['if_evals']"),
+    ("phases.cptt.max_steps=3", "phases: unknown keys ['cptt']"),
+    ("phases.cpt.max_step=3", "phases.cpt: expected a mapping of config, max_steps, overrides; unknown keys ['max_step']"),
+    ("phases.sft=30", "phases.sft: expected a mapping of config, max_steps, overrides"),
+    ("model.vocab=512", "model: unknown keys ['vocab']"),
+    ("model.arch={hiden_size: 64}", "model.arch: unknown LlamaConfig fields ['hiden_size']"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
