@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,8 +29,11 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
 
+    lock = threading.Lock()   # phases run in threads: one whole line per message
+
     def log(message: str) -> None:
-        print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
+        with lock:
+            print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
 
     try:
         cfg = load_experiment_config(args.config, args.overrides)
