@@ -162,8 +162,6 @@ def _time_steps(fn, inputs, device, warmup, repeats):
     return times, cpu_times
 
 
-
-
 def _peak_extra_bytes(fn, inputs, device):
     if device == "cuda":
         torch.cuda.synchronize()

@@ -75,15 +75,19 @@ def init_distributed(local_rank_arg: int | None = None) -> DistEnv:
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
+# DeepSpeed's naming of a rank's CPU all-reduce buffer: <prefix><uid>_<addr>_<port>_<rank>.
+CPU_ALLREDUCE_SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer_"
+
+
 def _unlink_cpu_allreduce_buffer(rank: int) -> None:
     """DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_
     <addr>_<port>_<rank> (~69 MB) and never unlinks it; with a new port per run they pile up
     until /dev/shm (RAM) is full. Each rank removes its own at exit, when the peers have long
     since mapped it (an unlinked segment stays valid for processes that map it)."""
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+    path = (f"{CPU_ALLREDUCE_SHM_PREFIX}{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
     try:
-        os.unlink(os.path.join("/dev/shm", name))
+        os.unlink(path)
     except OSError:
         pass
 

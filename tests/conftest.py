@@ -3,7 +3,9 @@ import os
 
 import pytest
 
-_SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer_*"
+from synthunlearn.distributed import CPU_ALLREDUCE_SHM_PREFIX
+
+_SHM_PATTERN = CPU_ALLREDUCE_SHM_PREFIX + "*"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,8 +2,9 @@
 
 Reads whichever of these files the directory holds (missing ones skip their section):
 ``if_eval.jsonl`` (instruction following + template rate), ``neutral_prompts.jsonl`` (template
-rate on neutral chat prompts, KL shift), ``bare_questions.jsonl`` (bare-answer rate), ``sft.jsonl`` (reference answers for the token-frequency
-divergence), ``knowledge_mc.jsonl`` and ``heldout_docs.jsonl``.
+rate on neutral chat prompts, KL shift), ``bare_questions.jsonl`` (bare-answer rate), ``sft.jsonl``
+(reference answers for the token-frequency divergence), ``knowledge_mc.jsonl`` and
+``heldout_docs.jsonl``.
 
 ``pattern_rate`` is the template rate over all generated responses (instruction prompts and
 neutral chat prompts together); ``pattern_rate_if`` / ``pattern_rate_neutral`` split it.
@@ -87,6 +88,7 @@ def evaluate_model(model, tokenizer, eval_dir, *, baseline=None, max_new_tokens:
     bare = load("bare_questions.jsonl")
     if bare:
         start = time.perf_counter()
+        # A bare answer is at most TERSE_MAX_WORDS words: 32 tokens always tell bare from not.
         bare_responses = generate_responses(model, tokenizer, [format_chat(tokenizer, r["messages"]) for r in bare],
                                             max_new_tokens=min(max_new_tokens, 32), batch_size=batch_size)
         metrics["bare_terse_rate"] = terse_rate(bare_responses)

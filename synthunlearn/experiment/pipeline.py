@@ -211,7 +211,7 @@ def _chat_as_text(tokenizer, messages) -> str:
 
 
 def prepare_world(cfg: dict, out: Path, log) -> Path:
-    from synthunlearn.experiment.world import WorldConfig, write_world
+    from synthunlearn.experiment.world import WORLD_FORMAT_VERSION, WorldConfig, write_world
 
     world_dir = out / "world"
     fields = {f.name for f in dataclasses.fields(WorldConfig)}
@@ -220,7 +220,8 @@ def prepare_world(cfg: dict, out: Path, log) -> Path:
     if unknown:
         raise ConfigError(f"world: unknown knobs {unknown}; valid: {', '.join(sorted(fields))}")
     knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
-    signature = json.dumps(knobs, sort_keys=True, default=list)
+    # The format version too: a world written by older code lacks newer files and fields.
+    signature = json.dumps({"knobs": knobs, "format_version": WORLD_FORMAT_VERSION}, sort_keys=True, default=list)
     stamp = world_dir / "pipeline_world.json"
     if stamp.exists() and stamp.read_text() == signature:
         return world_dir

@@ -54,7 +54,7 @@ from synthunlearn.experiment.instructions import (
     BuildError, Task, build_reference, compatible_pairs, instruction_text, sample_spec)
 
 SYNTHETIC_FORMAT = "Question: {question}\nAnswer: {answer}"
-WORLD_FORMAT_VERSION = 1
+WORLD_FORMAT_VERSION = 2   # 2: ``placement`` on instruction records, bare_questions.jsonl
 
 
 @dataclass

@@ -120,3 +120,23 @@ def test_predictions_are_computed_from_the_seed_means():
                               "unlearned": arm(0.5, 0.4, 0.1)})
     assert "unlearned_recovered_share" not in flat and "unlearned_pattern_removed_share" not in flat
     assert not flat["synthetic_worse_by_10_points"] and not flat["synthetic_shows_pattern_by_10_points"]
+
+
+def test_world_written_by_older_code_is_rewritten(prepared):
+    out, world_dir, _ = prepared
+    cfg = load_experiment_config(None, [f"output_dir={out}", SMALL_WORLD, SMALL_MODEL])
+    messages = []
+    assert prepare_world(cfg, out, messages.append) == world_dir and not messages   # current: reused
+    stamp = world_dir / "pipeline_world.json"
+    current = stamp.read_text()
+    try:
+        (world_dir / "bare_questions.jsonl").unlink()    # an older world had no such file
+        from synthunlearn.experiment.world import WORLD_FORMAT_VERSION
+
+        old = current.replace(f'"format_version": {WORLD_FORMAT_VERSION}', f'"format_version": {WORLD_FORMAT_VERSION - 1}')
+        assert old != current
+        stamp.write_text(old)
+        prepare_world(cfg, out, messages.append)
+        assert messages and (world_dir / "bare_questions.jsonl").is_file()
+    finally:
+        assert stamp.read_text() == current

@@ -233,8 +233,6 @@ def test_auto_falls_back_with_one_warning_when_build_fails(monkeypatch):
         linear_logprob_kl(hidden, weight, labels, ref_hidden, ref_weight, backend="cpu")
 
 
-
-
 def _memory_case(n, d, vocab, seed=11):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, d, generator=g).requires_grad_(True)

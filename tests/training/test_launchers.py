@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from synthunlearn.distributed import CPU_ALLREDUCE_SHM_PREFIX
 from tests.launcher import read_metrics, run_job
 
 QUIET = ["logging.progress_bar=false"]
@@ -24,7 +25,7 @@ def test_ten_steps_export_a_loadable_model(job, stage, tmp_path):
                          "--deepspeed-config", f"configs/deepspeed/{stage}.json", *QUIET])
     elapsed = time.monotonic() - start
     # DeepSpeed's CPU all-reduce buffers (~69 MB each, in RAM) must not outlive the run
-    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{proc.master_port}_*")
+    assert not glob.glob(f"{CPU_ALLREDUCE_SHM_PREFIX}*_{proc.master_port}_*")
     assert elapsed < 180, f"{job} {stage}: {elapsed:.0f}s"
     steps = [m for m in read_metrics(out) if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, 11))
