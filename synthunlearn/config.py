@@ -55,6 +55,24 @@ class ReferenceConfig:
     offload: bool = False
 
 
+DataFormat = Literal["auto", "jsonl", "json", "parquet", "disk"]
+
+
+@dataclass
+class DataFileConfig:
+    """One file of a set built from several (``DataSourceConfig.files``)."""
+
+    path: Optional[str] = None
+    format: DataFormat = "auto"
+    # Passes over this file per epoch of the set: 2 = every record twice, 0.5 = a fixed half of
+    # its records (the same half in every run and on every rank). This is how a mixture is
+    # weighted: a set of documents (repeat 1) and instructions (repeat 3) sees each instruction
+    # three times as often as each document, whatever the files' sizes.
+    repeat: float = 1.0
+    # Use at most this many records of the file (the first ones), before ``repeat``.
+    max_records: Optional[int] = None
+
+
 @dataclass
 class DataSourceConfig:
     """One data set: where it lives and how much of it enters each optimizer step."""
@@ -62,7 +80,10 @@ class DataSourceConfig:
     # Local JSONL / JSON / Parquet file, a directory written by ``Dataset.save_to_disk``, or
     # "builtin:<name>" for a file bundled in synthunlearn/assets. None disables the set.
     path: Optional[str] = None
-    format: Literal["auto", "jsonl", "json", "parquet", "disk"] = "auto"
+    format: DataFormat = "auto"
+    # Instead of ``path``: several files mixed into one set, each with its own record kind
+    # (e.g. raw documents and chat instructions in one replay set) and weight (``repeat``).
+    files: list[DataFileConfig] = field(default_factory=list)
     # Sequences of this set per optimizer step, summed over all ranks and micro-batches. Each
     # rank's micro-batch is global_batch_size / (world_size * gradient_accumulation_steps).
     global_batch_size: int = 8
@@ -179,6 +200,9 @@ def _type_name(tp) -> str:
         return "null"
     if origin is tuple:
         return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return "a list of " + ("mappings" if dataclasses.is_dataclass(item) else _type_name(item))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -208,6 +232,11 @@ def _convert(value: Any, tp, key: str, source: str):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise _bad_value(key, value, tp, source)
         return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise _bad_value(key, value, tp, source)
+        return [_convert(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -357,6 +386,14 @@ def validate(config: RunConfig, source: str = "config") -> None:
         src = getattr(d, name)
         need(src.global_batch_size >= 1, f"data.{name}.global_batch_size", "must be >= 1")
         need(src.max_records is None or src.max_records >= 1, f"data.{name}.max_records", "must be >= 1")
+        need(not (src.path and src.files), f"data.{name}.files", "give either path or files, not both")
+        need(not (src.files and src.max_records is not None), f"data.{name}.max_records",
+             "with files, set max_records on each file")
+        for i, f in enumerate(src.files):
+            where = f"data.{name}.files[{i}]"
+            need(bool(f.path), f"{where}.path", "not set")
+            need(f.repeat > 0, f"{where}.repeat", "must be > 0")
+            need(f.max_records is None or f.max_records >= 1, f"{where}.max_records", "must be >= 1")
     ob = config.objective
     need(ob.tau > 0, "objective.tau", "must be > 0")
     need(ob.beta > 0, "objective.beta", "must be > 0")

@@ -33,8 +33,9 @@ class DataSet:
 def source_for(data: DataConfig, name: str) -> tuple[DataSourceConfig, str]:
     """The source config of a set; the KL set falls back to the replay files."""
     src = getattr(data, name)
-    if name == KL and src.path is None:
+    if name == KL and src.path is None and not src.files:
         fallback = DataSourceConfig(path=data.replay.path, format=data.replay.format,
+                                    files=data.replay.files,
                                     global_batch_size=src.global_batch_size,
                                     eval_path=src.eval_path or data.replay.eval_path,
                                     max_records=src.max_records or data.replay.max_records)
@@ -56,8 +57,9 @@ def build_sets(names: list[str], data: DataConfig, tokenizer, *, rank: int, worl
     sets = {}
     for name in names:
         src, key = source_for(data, name)
-        if src.path is None:
-            raise ConfigError(f"data.{name}.path: the objective needs the {name} set; give its file")
+        if src.path is None and not src.files:
+            raise ConfigError(f"data.{name}.path: the objective needs the {name} set; give its file "
+                              f"(path) or files (data.{name}.files)")
         mbs = micro_batch_size(getattr(data, name).global_batch_size, f"data.{name}", world_size, accumulation)
         train = build_dataset(src, key, tokenizer, max_length=data.max_length, packing=data.packing)
         evaluation = None

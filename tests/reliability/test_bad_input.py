@@ -147,6 +147,13 @@ def test_missing_data_file(run, tmp_path):
     bad(run("sft", f"data.sft.path={tmp_path / 'nope.jsonl'}"), "data.sft.path", "not found")
 
 
+def test_missing_file_in_a_mixture_names_the_entry(run, tmp_path):
+    docs = jsonl(tmp_path / "docs.jsonl", {"text": "A document."})
+    bad(run("unlearn", "data.replay.path=null",
+            f"data.replay.files=[{{path: {docs}}}, {{path: {tmp_path / 'gone.jsonl'}, repeat: 2}}]"),
+        "data.replay.files[1].path", "gone.jsonl", "not found")
+
+
 def test_objective_needs_a_set_without_a_file(run):
     bad(run("unlearn", "data.forget.path=null"), "data.forget.path", "needs the forget set")
 

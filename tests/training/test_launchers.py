@@ -45,13 +45,17 @@ def test_ten_steps_export_a_loadable_model(job, stage, tmp_path):
         assert evals[-1]["eval/sft_nll"] < evals[0]["eval/sft_nll"] - 0.3, "SFT must lower held-out NLL"
 
 
-def test_plain_python_single_process_bf16_checkpointing_packing(tmp_path):
+def test_plain_python_single_process_bf16_checkpointing_packing_mixture(tmp_path):
     out = tmp_path / "single"
     out.mkdir()
     (out / "notes.txt").write_text("the user's own file")  # --overwrite must not delete it
-    run_job("unlearn", ["--output-dir", str(out), "--overwrite", "--max-steps", "2", "model.dtype=bf16",
-                        "model.gradient_checkpointing=true", "data.packing=true", "logging.csv=true", *QUIET],
-            python=True)
+    # The replay (and so the KL) set mixes two files of different kinds: documents and chat.
+    mixture = "[{path: builtin:tiny/replay.jsonl}, {path: builtin:tiny/sft.jsonl, repeat: 0.5}]"
+    proc = run_job("unlearn", ["--output-dir", str(out), "--overwrite", "--max-steps", "2", "model.dtype=bf16",
+                               "model.gradient_checkpointing=true", "data.packing=true", "logging.csv=true",
+                               "data.replay.path=null", f"data.replay.files={mixture}", *QUIET],
+                   python=True)
+    assert "'kind': 'chat'" in proc.stderr + proc.stdout and "'repeat': 0.5" in proc.stderr + proc.stdout
     assert (out / "final" / "model.safetensors").is_file()
     steps = [m for m in read_metrics(out) if "loss" in m]
     assert len(steps) == 2 and all(m["loss"] is not None for m in steps)
