@@ -95,7 +95,8 @@ DEFAULTS = {
         "sft": {"config": "configs/experiment/sft.yaml", "max_steps": 40, "overrides": {}},
     },
     "evaluation": {"if_eval": 120, "neutral_prompts": 40, "knowledge_mc": 200, "heldout_docs": 60,
-                   "bare_questions": 80, "max_new_tokens": 64, "batch_size": 32, "threads": 2},
+                   "bare_questions": 80, "max_new_tokens": 64, "batch_size": 32, "threads": 2,
+                   "device": "auto"},    # auto: the first GPU when there is one, else the CPU
 }
 
 
@@ -175,7 +176,25 @@ def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
         raise ConfigError("launcher: must be 'deepspeed' or 'python'")
     if not cfg["seeds"]:
         raise ConfigError("seeds: at least one seed")
+    evaluation_device(cfg)
     return cfg
+
+
+def evaluation_device(cfg: dict) -> str:
+    """The torch device of ``evaluation.device`` (``auto``, ``cpu``, ``cuda`` or ``cuda:N``)."""
+    import torch
+
+    spec = str(cfg["evaluation"]["device"])
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return spec
+    index = spec[len("cuda:"):] if spec.startswith("cuda:") else ("0" if spec == "cuda" else None)
+    if index is None or not index.isdigit():
+        raise ConfigError(f"evaluation.device: {spec!r}; valid: auto, cpu, cuda, cuda:N")
+    if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"evaluation.device: {spec!r} but torch sees {torch.cuda.device_count()} GPUs")
+    return spec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,10 +514,11 @@ def evaluate_phase(cfg: dict, phase: Phase, eval_dir: Path, baseline_dir: Path, 
     ecfg = cfg["evaluation"]
     with _EVAL_LOCK:  # one evaluation at a time; it shares the cores with a running launcher
         torch.set_num_threads(int(ecfg.get("threads", 1)))
+        device = evaluation_device(cfg)
         start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(phase.out_dir / "final").eval()
+        model = AutoModelForCausalLM.from_pretrained(phase.out_dir / "final").to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(phase.out_dir / "final")
-        baseline = AutoModelForCausalLM.from_pretrained(baseline_dir).eval()
+        baseline = AutoModelForCausalLM.from_pretrained(baseline_dir).to(device).eval()
         results = evaluate_model(model, tokenizer, eval_dir, baseline=baseline,
                                  max_new_tokens=int(ecfg["max_new_tokens"]), batch_size=int(ecfg["batch_size"]),
                                  kl_backend="auto", max_length=256)

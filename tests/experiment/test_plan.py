@@ -7,8 +7,8 @@ import json
 import pytest
 
 from synthunlearn.errors import ConfigError
-from synthunlearn.experiment.pipeline import (load_experiment_config, plan_phases, prepare_data, prepare_model,
-                                              prepare_world)
+from synthunlearn.experiment.pipeline import (evaluation_device, load_experiment_config, plan_phases, prepare_data,
+                                              prepare_model, prepare_world)
 
 SMALL_WORLD = ("world={n_people: 30, pretrain_instruction_people: 8, sft_people: 10, docs_per_person: 2, n_orgs: 5, "
                "n_cities: 6, n_pretrain_instructions: 20, n_sft: 20, n_if_eval: 6, n_mc: 8, n_heldout_docs: 4, "
@@ -47,11 +47,21 @@ def _data(prepared, tmp_path, *overrides):
     ("phases.sft=30", "phases.sft: expected a mapping of config, max_steps, overrides"),
     ("model.vocab=512", "model: unknown keys ['vocab']"),
     ("model.arch={hiden_size: 64}", "model.arch: unknown LlamaConfig fields ['hiden_size']"),
+    ("evaluation.device=gpu", "evaluation.device: 'gpu'; valid: auto, cpu, cuda, cuda:N"),
+    ("evaluation.device=cuda:99", "evaluation.device: 'cuda:99' but torch sees"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_experiment_config(None, [override])
     assert message in str(error.value)
+
+
+def test_evaluation_device_auto_follows_the_hardware():
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert evaluation_device(load_experiment_config(None, [])) == expected
+    assert evaluation_device(load_experiment_config(None, ["evaluation.device=cpu"])) == "cpu"
 
 
 def test_qa_rendering(prepared, tmp_path):
