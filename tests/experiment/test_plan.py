@@ -150,3 +150,21 @@ def test_world_written_by_older_code_is_rewritten(prepared):
         assert messages and (world_dir / "bare_questions.jsonl").is_file()
     finally:
         assert stamp.read_text() == current
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "gpu.yaml"])
+def test_shipped_experiment_configs_are_valid_run_configs(name):
+    """Every phase's run config with the experiment's overrides passes the launchers' own
+    validation, and the number of ranks divides every global batch (a typo or a bad size would
+    otherwise surface hours into a GPU run)."""
+    from synthunlearn.config import load_config
+    from synthunlearn.experiment.pipeline import REPO, _overrides
+
+    cfg = load_experiment_config(REPO / "configs" / "experiment" / name, [])
+    for phase_name, spec in cfg["phases"].items():
+        run = load_config(REPO / spec["config"], _overrides(spec["overrides"]))
+        for set_name in ("sft", "forget", "replay", "kl"):
+            src = getattr(run.data, set_name)
+            if src.path or set_name == "kl" and run.objective.kl_weight:
+                batch = src.global_batch_size
+                assert batch % cfg["nprocs"] == 0, (phase_name, set_name, batch, cfg["nprocs"])
