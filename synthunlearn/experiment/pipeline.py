@@ -624,6 +624,9 @@ def check_predictions(arms: Dict[str, dict]) -> Dict[str, object]:
         out["ga_unbounded_knowledge_drop"] = b_k - g_k
     if None not in (g_p, b_p):
         out["ga_unbounded_perplexity_ratio"] = g_p / b_p
+    if None not in (g_k, c_k):
+        # Same data, budget and replay/KL terms; only the bound differs: the knowledge it saves.
+        out["ga_unbounded_knowledge_below_unlearned"] = c_k - g_k
     return out
 
 

@@ -125,6 +125,7 @@ def test_predictions_are_computed_from_the_seed_means():
     assert out["unlearned_pattern_removed_share"] == pytest.approx(5 / 6) and out["unlearned_removes_half_the_pattern"]
     assert out["ga_unbounded_knowledge_drop"] == pytest.approx(0.12)
     assert out["ga_unbounded_perplexity_ratio"] == pytest.approx(2.0)
+    assert out["ga_unbounded_knowledge_below_unlearned"] == pytest.approx(0.11)
     # No gap: no recovery share is reported (it would divide by zero or flip sign).
     flat = check_predictions({"docs_only": arm(0.5, 0.4, 0.2), "synthetic": arm(0.55, 0.4, 0.1),
                               "unlearned": arm(0.5, 0.4, 0.1)})
