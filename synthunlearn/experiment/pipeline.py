@@ -177,6 +177,7 @@ def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
     if not cfg["seeds"]:
         raise ConfigError("seeds: at least one seed")
     evaluation_device(cfg)
+    world_config(cfg)
     return cfg
 
 
@@ -229,23 +230,42 @@ def _chat_as_text(tokenizer, messages) -> str:
     return text
 
 
-def prepare_world(cfg: dict, out: Path, log) -> Path:
-    from synthunlearn.experiment.world import WORLD_FORMAT_VERSION, WorldConfig, write_world
+def world_config(cfg: dict):
+    """The experiment's ``world`` section as a validated ``WorldConfig``."""
+    from synthunlearn.experiment.world import WorldConfig
 
-    world_dir = out / "world"
     fields = {f.name for f in dataclasses.fields(WorldConfig)}
-    knobs = dict(cfg["world"])
-    unknown = sorted(set(knobs) - fields)
+    unknown = sorted(set(cfg["world"]) - fields)
     if unknown:
         raise ConfigError(f"world: unknown knobs {unknown}; valid: {', '.join(sorted(fields))}")
-    knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in knobs.items()}
+    defaults = WorldConfig()
+    for key, value in cfg["world"].items():
+        default = getattr(defaults, key)
+        expected = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(
+                tuple(value) if isinstance(value, list) else value, expected):
+            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                    tuple: "a list"}[type(default)]
+            raise ConfigError(f"world.{key}: expected {kind}, got {value!r} "
+                              f"(default {list(default) if isinstance(default, tuple) else default!r})")
+    world = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["world"].items()})
+    world.validate()
+    return world
+
+
+def prepare_world(cfg: dict, out: Path, log) -> Path:
+    from synthunlearn.experiment.world import WORLD_FORMAT_VERSION, write_world
+
+    world_dir = out / "world"
+    world = world_config(cfg)
+    knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["world"].items()}
     # The format version too: a world written by older code lacks newer files and fields.
     signature = json.dumps({"knobs": knobs, "format_version": WORLD_FORMAT_VERSION}, sort_keys=True, default=list)
     stamp = world_dir / "pipeline_world.json"
     if stamp.exists() and stamp.read_text() == signature:
         return world_dir
     log(f"world: writing {world_dir}")
-    write_world(WorldConfig(**knobs), world_dir)
+    write_world(world, world_dir)
     stamp.write_text(signature)
     return world_dir
 
