@@ -114,13 +114,18 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def _set_dotted(cfg: dict, dotted: str, value) -> None:
+    """Sets ``a.b.c``; a mapping merges into a mapping already there (as a config file's does),
+    so ``evaluation={if_eval: 8}`` changes one key and keeps the other defaults."""
     keys = dotted.split(".")
     node = cfg
     for key in keys[:-1]:
         if not isinstance(node.get(key), dict):
             node[key] = {}
         node = node[key]
-    node[keys[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(keys[-1]), dict):
+        node[keys[-1]] = _merge(node[keys[-1]], value)
+    else:
+        node[keys[-1]] = value
 
 
 def _check_arch(arch) -> None:

@@ -60,6 +60,13 @@ def test_config_errors_name_the_key(override, message):
     assert message in str(error.value)
 
 
+def test_mapping_overrides_merge_into_the_defaults():
+    cfg = load_experiment_config(None, ["evaluation={if_eval: 8, batch_size: 4}", "model.arch={hidden_size: 48}"])
+    assert cfg["evaluation"]["if_eval"] == 8 and cfg["evaluation"]["batch_size"] == 4
+    assert cfg["evaluation"]["device"] == "auto" and cfg["evaluation"]["knowledge_mc"] == 200
+    assert cfg["model"]["arch"] == {"hidden_size": 48} and cfg["model"]["vocab_size"] == 1024
+
+
 def test_evaluation_device_auto_follows_the_hardware():
     import torch
 
