@@ -199,7 +199,10 @@ def _type_name(tp) -> str:
     if tp is type(None):
         return "null"
     if origin is tuple:
-        return "a list of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return "a list of " + _type_name(args[0])
+        return "a list of " + ", ".join(_type_name(a) for a in args)
     if origin is list:
         (item,) = typing.get_args(tp)
         return "a list of " + ("mappings" if dataclasses.is_dataclass(item) else _type_name(item))
@@ -210,7 +213,7 @@ def _convert(value: Any, tp, key: str, source: str):
     """Convert ``value`` to type ``tp`` or raise a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, key, source)
+        return build_dataclass(tp, value, key, source)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -229,6 +232,8 @@ def _convert(value: Any, tp, key: str, source: str):
         raise _bad_value(key, value, tp, source)
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # Tuple[X, ...]: any length
+            args = (args[0],) * len(value) if isinstance(value, (list, tuple)) else ()
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise _bad_value(key, value, tp, source)
         return tuple(_convert(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
@@ -266,7 +271,10 @@ def _bad_value(key, value, tp, source) -> ConfigError:
     return ConfigError(f"{source}: {key}: invalid value {value!r}; expected {_type_name(tp)}")
 
 
-def _build_dataclass(cls, data: Any, key: str, source: str):
+def build_dataclass(cls, data: Any, key: str, source: str):
+    """A dataclass instance from plain YAML data, every value converted to its field's type; an
+    unknown key or a bad value raises :class:`ConfigError` naming ``source`` and the dotted key
+    (``key`` is the prefix, e.g. ``"world"``). Other modules' config sections use it too."""
     if data is None:
         data = {}
     where = key or "top level"
@@ -357,7 +365,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
         _set_dotted(data, parts, value, text)
     if overrides:
         source += " (with overrides)"
-    config = _build_dataclass(RunConfig, data, "", source)
+    config = build_dataclass(RunConfig, data, "", source)
     validate(config, source)
     return config
 

@@ -59,7 +59,7 @@ def build_dataset(src: DataSourceConfig, key: str, tokenizer, *, max_length: int
                   f"{key}.files[{i}]", f.repeat) for i, f in enumerate(src.files)]
     else:
         parts = [(src, key, 1.0)]
-    examples, per_file, kinds, paths = [], [], [], []
+    examples, per_file, paths = [], [], []
     for part_src, part_key, repeat in parts:
         loaded = load_source(part_src, part_key, split=split)
         ds = loaded.dataset
@@ -72,7 +72,6 @@ def build_dataset(src: DataSourceConfig, key: str, tokenizer, *, max_length: int
         per_file.append({"path": str(loaded.path), "kind": kind, "repeat": repeat, **stats,
                          "repeated_examples": len(part)})
         examples += part
-        kinds.append(kind)
         paths.append(loaded.path)
     stats = {name: sum(f[name] for f in per_file) for name in per_file[0]
              if name not in ("path", "kind", "repeat", "repeated_examples")}
@@ -80,6 +79,7 @@ def build_dataset(src: DataSourceConfig, key: str, tokenizer, *, max_length: int
     stats["rows"] = len(rows)
     if len(per_file) > 1:
         stats["files"] = per_file
+    kinds = [f["kind"] for f in per_file]
     kind = kinds[0] if len(set(kinds)) == 1 else "+".join(kinds)
     path = paths[0] if len(paths) == 1 else paths
     return TokenizedDataset(rows, stats, kind=kind, path=path, key=key)

@@ -236,24 +236,12 @@ def _chat_as_text(tokenizer, messages) -> str:
 
 
 def world_config(cfg: dict):
-    """The experiment's ``world`` section as a validated ``WorldConfig``."""
+    """The experiment's ``world`` section as a validated ``WorldConfig`` (the run configs' own
+    converter: unknown knobs and mistyped values fail naming ``world.<knob>``)."""
+    from synthunlearn.config import build_dataclass
     from synthunlearn.experiment.world import WorldConfig
 
-    fields = {f.name for f in dataclasses.fields(WorldConfig)}
-    unknown = sorted(set(cfg["world"]) - fields)
-    if unknown:
-        raise ConfigError(f"world: unknown knobs {unknown}; valid: {', '.join(sorted(fields))}")
-    defaults = WorldConfig()
-    for key, value in cfg["world"].items():
-        default = getattr(defaults, key)
-        expected = (int, float) if isinstance(default, float) else type(default)
-        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(
-                tuple(value) if isinstance(value, list) else value, expected):
-            kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                    tuple: "a list"}[type(default)]
-            raise ConfigError(f"world.{key}: expected {kind}, got {value!r} "
-                              f"(default {list(default) if isinstance(default, tuple) else default!r})")
-    world = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg["world"].items()})
+    world = build_dataclass(WorldConfig, cfg["world"], "world", "experiment config")
     world.validate()
     return world
 
@@ -263,9 +251,10 @@ def prepare_world(cfg: dict, out: Path, log) -> Path:
 
     world_dir = out / "world"
     world = world_config(cfg)
-    knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["world"].items()}
-    # The format version too: a world written by older code lacks newer files and fields.
-    signature = json.dumps({"knobs": knobs, "format_version": WORLD_FORMAT_VERSION}, sort_keys=True, default=list)
+    # Every knob, defaults included (a changed default changes the world), and the format version
+    # (a world written by older code lacks newer files and fields).
+    signature = json.dumps({"knobs": dataclasses.asdict(world), "format_version": WORLD_FORMAT_VERSION},
+                           sort_keys=True)
     stamp = world_dir / "pipeline_world.json"
     if stamp.exists() and stamp.read_text() == signature:
         return world_dir

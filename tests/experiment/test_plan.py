@@ -47,10 +47,10 @@ def _data(prepared, tmp_path, *overrides):
     ("phases.sft=30", "phases.sft: expected a mapping of config, max_steps, overrides"),
     ("model.vocab=512", "model: unknown keys ['vocab']"),
     ("model.arch={hiden_size: 64}", "model.arch: unknown LlamaConfig fields ['hiden_size']"),
-    ("world.n_peeple=300", "world: unknown knobs ['n_peeple']"),
+    ("world.n_peeple=300", "unknown key 'world.n_peeple'; valid keys under world: seed, n_people"),
     ("world.n_people=4", "world.n_people: must"),
-    ("world.n_people=[3]", "world.n_people: expected an integer, got [3] (default 240)"),
-    ("world.test_constraints=min_words", "world.test_constraints: expected a list, got 'min_words'"),
+    ("world.n_people=[3]", "world.n_people: invalid value [3]; expected int"),
+    ("world.test_constraints=min_words", "world.test_constraints: invalid value 'min_words'; expected a list of str"),
     ("evaluation.device=gpu", "evaluation.device: 'gpu'; valid: auto, cpu, cuda, cuda:N"),
     ("evaluation.device=cuda:99", "evaluation.device: 'cuda:99' but torch sees"),
 ])
