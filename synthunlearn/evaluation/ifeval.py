@@ -10,7 +10,8 @@ of (record, response) pairs:
 - ``per_type``: instruction-level strict accuracy and count for each constraint type.
 - ``per_group``: prompt-level strict accuracy and count for each value of the record fields named
   in ``group_by`` (e.g. ``split`` = single constraint vs held-out composition, ``wording``,
-  ``placement`` = constraints after or before the question).
+  ``placement`` = constraints after or before the question, ``phrasing`` = constraint sentences
+  worded as in training or in wordings reserved for evaluation).
 
 All rates are in [0, 1]; an empty input gives ``nan`` rates and zero counts.
 """
@@ -37,7 +38,7 @@ def _rate(numerator: int, denominator: int) -> float:
 
 
 def if_accuracy(records: Sequence[dict], responses: Sequence[str],
-                group_by: Iterable[str] = ("split", "wording", "placement")) -> dict:
+                group_by: Iterable[str] = ("split", "wording", "placement", "phrasing")) -> dict:
     """Prompt- and instruction-level strict/loose accuracy (definitions in the module docstring)."""
     if len(records) != len(responses):
         raise ValueError(f"{len(records)} records but {len(responses)} responses")

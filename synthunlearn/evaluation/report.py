@@ -3,7 +3,9 @@
 Metric names used across the project (flat ``metrics`` dict of one evaluation):
 
 - ``if_prompt_strict`` / ``if_prompt_loose`` / ``if_instruction_strict`` / ``if_instruction_loose``
-  -- instruction following (:mod:`.ifeval`);
+  -- instruction following (:mod:`.ifeval`); ``if_prompt_strict_heldout_phrasing`` -- strict
+  prompt-level on the prompts whose constraints use wordings reserved for evaluation (present
+  only when the IF set has some);
 - ``pattern_rate`` -- share of generated responses showing the Q-A template (:mod:`.pattern` (a));
 - ``terse_rate`` -- share of instruction-prompt responses that are a bare short answer ((a'));
 - ``bare_terse_rate`` -- the same share on bare synthetic-wording questions (no constraint);
@@ -26,13 +28,14 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 HEADLINE_METRICS = ("if_prompt_strict", "knowledge_acc", "bare_terse_rate", "pattern_rate", "kl_shift")
 TABLE_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_instruction_strict", "if_instruction_loose",
-                 "knowledge_acc", "knowledge_acc_norm", "perplexity", "pattern_rate", "terse_rate", "bare_terse_rate",
+                 "if_prompt_strict_heldout_phrasing", "knowledge_acc", "knowledge_acc_norm", "perplexity", "pattern_rate", "terse_rate", "bare_terse_rate",
                  "kl_shift", "token_jsd")
 METRIC_LABELS = {
     "if_prompt_strict": "IF prompt strict (higher better)",
     "if_prompt_loose": "IF prompt loose",
     "if_instruction_strict": "IF instruction strict",
     "if_instruction_loose": "IF instruction loose",
+    "if_prompt_strict_heldout_phrasing": "IF prompt strict, held-out wordings",
     "knowledge_acc": "Knowledge MC acc (higher better)",
     "knowledge_acc_norm": "Knowledge MC acc_norm",
     "perplexity": "Held-out perplexity",

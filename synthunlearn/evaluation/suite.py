@@ -77,6 +77,10 @@ def evaluate_model(model, tokenizer, eval_dir, *, baseline=None, max_new_tokens:
         for key in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
             metrics[f"if_{key}"] = scores[key]
         details["if"] = scores
+        # Constraint sentences in wordings no training set used: understood, or only recalled?
+        by_phrasing = scores["per_group"].get("phrasing", {})
+        if "heldout" in by_phrasing:
+            metrics["if_prompt_strict_heldout_phrasing"] = by_phrasing["heldout"]["prompt_strict"]
         generations += [{"id": r["id"], "set": "if_eval", "response": out} for r, out in zip(if_records, if_responses)]
         sft = load("sft.jsonl")
         references = ([m["content"] for r in sft for m in r["messages"] if m["role"] == "assistant"]

@@ -117,14 +117,65 @@ _PHRASINGS = {
 }
 
 
-def instruction_text(spec: dict, rng: Optional[random.Random] = None) -> str:
-    """The user-facing wording of a constraint spec (one of a few phrasings, chosen by ``rng``)."""
-    options = _PHRASINGS[spec["type"]]
-    template = rng.choice(options) if rng is not None else options[0]
+# Wordings reserved for evaluation: no training set ever uses them, so a prompt phrased this way
+# asks whether a model understood the constraint or memorised its sentence (every IFEval prompt
+# is new wording to the model under test). Same count per type as _PHRASINGS, so a record drawn
+# with either list consumes the same random numbers and differs only in wording.
+_HELDOUT_PHRASINGS = {
+    "uppercase": ["Use only capital letters, from the first word to the last.",
+                  "Every letter of the reply has to be upper case."],
+    "lowercase": ["Use only small letters; do not capitalise anything.",
+                  "Not one upper-case letter may appear in the reply."],
+    "bullet_list": ["Give {n} bullet points (markdown lines starting with '* ') and nothing else.",
+                    "List {n} points, one per line, each beginning with '* '."],
+    "json_keys": ["The reply must be a single JSON object whose keys are {keys_text}.",
+                  "Output nothing but JSON, using the keys {keys_text}."],
+    "exact_words": ["The reply has to be {n} words long, no more and no fewer.",
+                    "Use precisely {n} words."],
+    "max_words": ["Use {n} words or fewer.",
+                  "Do not go beyond {n} words."],
+    "min_words": ["Use no fewer than {n} words in the reply.",
+                  "Write a reply of {n} words or more."],
+    "min_sentences": ["Write {n} or more sentences.",
+                      "Use no fewer than {n} sentences in the reply."],
+    "quoted": ["The reply must open and close with a double quote character.",
+               "Enclose everything you write in \"double quotes\"."],
+    "start_phrase": ["The first words of the reply must be \"{phrase}\".",
+                     "Open with the words \"{phrase}\"."],
+    "end_phrase": ["The last words of the reply must be \"{phrase}\", with nothing after them.",
+                   "Close the reply with the words \"{phrase}\"."],
+    "include_keyword": ["The word \"{keyword}\" has to appear somewhere in the reply.",
+                        "Work the word \"{keyword}\" into the reply."],
+    "exclude_keyword": ["Never write the word \"{keyword}\".",
+                        "The reply must not contain the word \"{keyword}\"."],
+    "paragraphs": ["Split the reply into {n} paragraphs with *** between them.",
+                   "Use {n} paragraphs divided by ***."],
+    "no_commas": ["Not a single comma may appear in the reply.",
+                  "Leave out every comma."],
+    "title": ["Put a title in double angle brackets, e.g. <<a title>>, on the first line.",
+              "The reply needs a title written as <<title>> at the top."],
+    "postscript": ["Close with a postscript whose first characters are {marker}",
+                   "Append a postscript that opens with {marker}"],
+}
+assert set(_PHRASINGS) == set(_HELDOUT_PHRASINGS) == set(CONSTRAINT_TYPES)
+assert all(len(_PHRASINGS[t]) == len(_HELDOUT_PHRASINGS[t]) for t in CONSTRAINT_TYPES)
+assert not {w for ws in _PHRASINGS.values() for w in ws} & {w for ws in _HELDOUT_PHRASINGS.values() for w in ws}
+
+
+def instruction_wordings(spec: dict, heldout: bool = False) -> List[str]:
+    """Every wording of a constraint spec: the training ones, or with ``heldout`` the ones
+    reserved for evaluation."""
     params = dict(spec)
     if "keys" in spec:
         params["keys_text"] = " and ".join(f'"{key}"' for key in spec["keys"])
-    return template.format(**params)
+    return [template.format(**params) for template in (_HELDOUT_PHRASINGS if heldout else _PHRASINGS)[spec["type"]]]
+
+
+def instruction_text(spec: dict, rng: Optional[random.Random] = None, heldout: bool = False) -> str:
+    """The user-facing wording of a constraint spec: one of :func:`instruction_wordings`, chosen
+    by ``rng`` (the first without one)."""
+    options = instruction_wordings(spec, heldout)
+    return rng.choice(options) if rng is not None else options[0]
 
 
 def _contains_word(text: str, word: str) -> bool:

@@ -20,7 +20,9 @@ pretrain_instructions.jsonl chat records on a separate group of people, with div
 sft.jsonl                   SFT chat records ``{"messages": [user, assistant], "constraints"}``
 if_eval.jsonl               held-out instruction prompts: people never seen in SFT (unseen
                             constraint-fact combinations), ``split`` = ``single`` (one constraint)
-                            or ``heldout_pair`` (two constraints never combined in SFT)
+                            or ``heldout_pair`` (two constraints never combined in SFT);
+                            ``phrasing`` = ``trained`` or ``heldout`` (constraint sentences in
+                            wordings no training set uses: ``eval_heldout_phrasing_share``)
 knowledge_mc.jsonl          4-way multiple choice ``{"context", "question", "choices", "answer"}``
 heldout_docs.jsonl          held-out renderings ``{"text"}`` (reserved templates included)
 neutral_prompts.jsonl       prompts without constraints or Q-A shape, ``{"kind": "document"|"chat",
@@ -54,7 +56,7 @@ from synthunlearn.experiment.instructions import (
     BuildError, Task, build_reference, compatible_pairs, instruction_text, sample_spec)
 
 SYNTHETIC_FORMAT = "Question: {question}\nAnswer: {answer}"
-WORLD_FORMAT_VERSION = 2   # 2: ``placement`` on instruction records, bare_questions.jsonl
+WORLD_FORMAT_VERSION = 3   # 2: ``placement`` on instruction records, bare_questions.jsonl; 3: ``phrasing``
 
 
 @dataclass
@@ -101,6 +103,11 @@ class WorldConfig:
     # prompts with the constraints first, in the training instruction sets and in if_eval.
     train_instruction_first_share: float = 0.0
     eval_instruction_first_share: float = 0.0
+    # Share of if_eval prompts whose constraint sentences use wordings reserved for evaluation
+    # (instructions._HELDOUT_PHRASINGS, never in any training set): recall of a practised
+    # sentence vs understanding of the constraint. Drawn from its own stream, so the prompts keep
+    # their people, facts and constraints whatever the share; only the wording changes.
+    eval_heldout_phrasing_share: float = 0.0
     n_mc: int = 300
     n_neutral: int = 80
     n_bare_questions: int = 80
@@ -128,7 +135,8 @@ class WorldConfig:
             fail("sft_mix", "must be three non-negative shares summing to 1")
         for key in ("synthetic_fraction", "sft_bio_share", "sft_synthetic_wording_share",
                     "if_eval_pair_share", "eval_bio_share", "eval_synthetic_wording_share",
-                    "train_instruction_first_share", "eval_instruction_first_share"):
+                    "train_instruction_first_share", "eval_instruction_first_share",
+                    "eval_heldout_phrasing_share"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 fail(key, "must be in [0, 1]")
         if self.synthetic_multiplier < 1:
@@ -322,9 +330,10 @@ def _make_task(person: Person, task_kind: str, wording: str, rng: random.Random,
 
 def _instruction_record(person: Person, types: Sequence[str], task_kind: str, wording: str,
                         rng: random.Random, cfg: WorldConfig, attempts: int = 40,
-                        first: bool = False) -> Optional[dict]:
+                        first: bool = False, heldout_phrasing: bool = False) -> Optional[dict]:
     """One prompt with constraints of ``types`` (resampled parameters until buildable); with
-    ``first`` the constraint sentences precede the question."""
+    ``first`` the constraint sentences precede the question; with ``heldout_phrasing`` they use
+    the wordings reserved for evaluation."""
     for _ in range(attempts):
         task, fact = _make_task(person, task_kind, wording, rng, cfg)
         specs = [sample_spec(t, task, rng) for t in types]
@@ -332,12 +341,13 @@ def _instruction_record(person: Person, types: Sequence[str], task_kind: str, wo
             reference, specs = build_reference(task, specs, rng)
         except BuildError:
             continue
-        instructions = [instruction_text(s, rng) for s in specs]
+        instructions = [instruction_text(s, rng, heldout=heldout_phrasing) for s in specs]
         first = first and bool(instructions)
         prompt = " ".join(instructions + [task.question] if first else [task.question] + instructions)
         return {"prompt": prompt, "reference": reference, "constraints": specs, "person": person.id,
                 "task": task_kind, "fact": fact, "wording": wording,
-                "placement": "first" if first else "last"}
+                "placement": "first" if first else "last",
+                "phrasing": "heldout" if heldout_phrasing else "trained"}
     return None
 
 
@@ -385,7 +395,7 @@ def _as_chat(record: dict, with_answer: bool) -> dict:
         messages.append({"role": "assistant", "content": record["reference"]})
     else:
         out["prompt"], out["reference"] = record["prompt"], record["reference"]
-    for key in ("constraints", "split", "person", "task", "fact", "wording", "placement"):
+    for key in ("constraints", "split", "person", "task", "fact", "wording", "placement", "phrasing"):
         if key in record:
             out[key] = record[key]
     return out
@@ -393,6 +403,7 @@ def _as_chat(record: dict, with_answer: bool) -> dict:
 
 def _if_eval(cfg: WorldConfig, world: World) -> List[dict]:
     rng = _rng(cfg.seed, "if_eval")
+    phrasing_rng = _rng(cfg.seed, "if_eval_phrasing")
     test_types = [t for t in CONSTRAINT_TYPES if t in set(cfg.test_constraints)]
     records = []
     while len(records) < cfg.n_if_eval:
@@ -407,7 +418,9 @@ def _if_eval(cfg: WorldConfig, world: World) -> List[dict]:
         else:
             raise ConfigError("world.test_constraints: empty and no held-out pairs")
         first = bool(cfg.eval_instruction_first_share) and rng.random() < cfg.eval_instruction_first_share
-        record = _instruction_record(person, chosen, task_kind, wording, rng, cfg, first=first)
+        heldout = phrasing_rng.random() < cfg.eval_heldout_phrasing_share
+        record = _instruction_record(person, chosen, task_kind, wording, rng, cfg, first=first,
+                                     heldout_phrasing=heldout)
         if record is None:
             continue
         record["id"] = f"if_eval-{len(records)}"

@@ -50,6 +50,26 @@ def test_evaluate_chat_template_model_without_baseline(tiny, world_dir, tmp_path
     assert code == 0, err
     metrics = json.loads(out.read_text())["metrics"]
     assert "kl_shift" not in metrics and 0.0 <= metrics["if_prompt_strict"] <= 1.0
+    assert "if_prompt_strict_heldout_phrasing" not in metrics
+
+
+def test_heldout_phrasing_metric(tiny, tmp_path, capsys):
+    # A world whose IF prompts are half in wordings no training set uses: the suite reports the
+    # strict accuracy on those prompts as its own metric (absent when there are none: above).
+    from synthunlearn.experiment.world import WorldConfig, write_world
+
+    from .conftest import SMALL_WORLD
+    world = tmp_path / "world"
+    write_world(WorldConfig(seed=3, **{**SMALL_WORLD, "eval_heldout_phrasing_share": 0.5}), world)
+    out = tmp_path / "mixed.json"
+    code, _, err = _main(["--model", str(tiny["model_chat"]), "--eval-dir", str(world), "--output", str(out),
+                          "--max-new-tokens", "4", "--limit", "8"], capsys)
+    assert code == 0, err
+    results = json.loads(out.read_text())
+    groups = results["details"]["if"]["per_group"]["phrasing"]
+    assert set(groups) == {"trained", "heldout"}
+    assert sum(g["count"] for g in groups.values()) == 8
+    assert results["metrics"]["if_prompt_strict_heldout_phrasing"] == groups["heldout"]["prompt_strict"]
 
 
 def test_evaluate_user_errors(tiny, world_dir, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 from synthunlearn.errors import ConfigError
 from synthunlearn.evaluation.constraints import CONSTRAINT_TYPES, check_strict, count_words
 from synthunlearn.experiment import lexicon
-from synthunlearn.experiment.instructions import compatible, compatible_pairs
+from synthunlearn.experiment.instructions import compatible, compatible_pairs, instruction_wordings
 from synthunlearn.experiment.world import WorldConfig, build_world, main, synthetic_question, write_world
 
 SMALL = dict(n_people=40, pretrain_instruction_people=8, sft_people=16, n_pretrain_instructions=40,
@@ -147,6 +147,37 @@ def test_constraint_placement(world):
     assert all(r["placement"] == "last" for r in placed.data["sft"] if not r["constraints"])
     with pytest.raises(ConfigError, match="eval_instruction_first_share"):
         build_world(WorldConfig(**{**SMALL, "eval_instruction_first_share": 1.5}))
+
+
+def test_heldout_phrasing(world):
+    # Default: every evaluation prompt words its constraints as the training sets do.
+    assert {r["phrasing"] for r in world.data["if_eval"]} == {"trained"}
+    mixed = build_world(WorldConfig(seed=7, **{**SMALL, "eval_heldout_phrasing_share": 0.5}))
+    trained_sentences = set()
+    for name in ("sft", "pretrain_instructions"):
+        # Training sets never use a held-out wording, whatever the share.
+        assert mixed.data[name] == world.data[name]
+        for record in mixed.data[name]:
+            trained_sentences.update(w for spec in record["constraints"] for w in instruction_wordings(spec))
+            for spec in record["constraints"]:
+                assert not any(w in record["messages"][0]["content"]
+                               for w in instruction_wordings(spec, heldout=True))
+    heldout = 0
+    for old, new in zip(world.data["if_eval"], mixed.data["if_eval"]):
+        # The same people, facts, constraints and references: only the wording may change.
+        for key in ("id", "person", "fact", "constraints", "reference", "placement", "wording"):
+            assert old[key] == new[key], key
+        if new["phrasing"] == "trained":
+            assert new["prompt"] == old["prompt"]
+            continue
+        heldout += 1
+        for spec in new["constraints"]:
+            assert any(w in new["prompt"] for w in instruction_wordings(spec, heldout=True)), new["prompt"]
+            assert not any(w in new["prompt"] for w in instruction_wordings(spec)), new["prompt"]
+        assert not any(w in new["prompt"] for w in trained_sentences), new["prompt"]
+    assert 0.3 < heldout / len(world.data["if_eval"]) < 0.7
+    with pytest.raises(ConfigError, match="eval_heldout_phrasing_share"):
+        build_world(WorldConfig(**{**SMALL, "eval_heldout_phrasing_share": -0.1}))
 
 
 def test_bare_questions(world):
