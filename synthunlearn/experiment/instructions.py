@@ -117,6 +117,49 @@ _PHRASINGS = {
 }
 
 
+# More training wordings (world.train_extra_wordings): six sentences to learn each constraint
+# from instead of two, so that following it may have to mean reading it. Evaluation prompts keep
+# the first two (_PHRASINGS); none of these is ever a held-out wording.
+_EXTRA_PHRASINGS = {
+    "uppercase": ["Reply in block capitals.", "Capitalise every letter of your answer.",
+                  "Everything you write here must be upper case.", "No lower-case letters, please: all caps."],
+    "lowercase": ["Reply in lower case only.", "Do not use any capital letters at all.",
+                  "Everything you write here must be lower case.", "Keep every letter small: no capitals."],
+    "bullet_list": ["Answer as {n} markdown bullet points.", "Reply with a list of {n} '* ' bullets.",
+                    "Give exactly {n} points, each on its own line after '* '.",
+                    "Break the answer into {n} bullets in markdown."],
+    "json_keys": ["Return JSON only, with the keys {keys_text}.", "Your whole reply is one JSON object with {keys_text}.",
+                  "Answer in JSON using exactly the keys {keys_text}.", "Format the reply as JSON containing {keys_text}."],
+    "exact_words": ["Reply in {n} words exactly.", "The answer must be exactly {n} words long.",
+                    "Write exactly {n} words, not one more or less.", "Use exactly {n} words."],
+    "max_words": ["Reply in {n} words at most.", "The answer may not exceed {n} words.",
+                  "Keep it within {n} words.", "Say it in no more than {n} words."],
+    "min_words": ["Reply in at least {n} words.", "The answer must be at least {n} words long.",
+                  "Write {n} words at the very least.", "Make the answer no shorter than {n} words."],
+    "min_sentences": ["Reply in at least {n} sentences.", "The answer must be at least {n} sentences long.",
+                      "Write {n} sentences at the very least.", "Make the answer no shorter than {n} sentences."],
+    "quoted": ["Put your entire reply between double quotation marks.", "Quote the whole answer with double quotes.",
+               "Surround the full response with double quotation marks.", "The answer goes inside a pair of double quotes."],
+    "start_phrase": ["Your reply must start with \"{phrase}\".", "Let the first words be \"{phrase}\".",
+                     "Begin with the phrase \"{phrase}\".", "Start the response with the words \"{phrase}\"."],
+    "end_phrase": ["Your reply must end with \"{phrase}\".", "Let the last words be \"{phrase}\".",
+                   "End with the phrase \"{phrase}\" and nothing after it.", "Finish the answer with \"{phrase}\"."],
+    "include_keyword": ["Use the word \"{keyword}\" in the answer.", "The answer has to include the word \"{keyword}\".",
+                        "Be sure the word \"{keyword}\" appears.", "Mention the word \"{keyword}\" somewhere."],
+    "exclude_keyword": ["Do not write the word \"{keyword}\".", "The word \"{keyword}\" must not appear.",
+                        "Leave out the word \"{keyword}\" entirely.", "Answer without using the word \"{keyword}\"."],
+    "paragraphs": ["Answer in {n} paragraphs, with *** between paragraphs.", "Write {n} paragraphs and separate them with ***.",
+                   "Use exactly {n} paragraphs; the divider between them is ***.",
+                   "Your reply has {n} paragraphs separated by the *** marker."],
+    "no_commas": ["No commas anywhere, please.", "Answer without a single comma.",
+                  "The reply must not contain commas.", "Avoid commas entirely."],
+    "title": ["Add a title like <<title>> at the start.", "Begin with a title inside << and >>.",
+              "Put a title in double angular brackets first, e.g. <<title>>.", "Open with a <<title>> line."],
+    "postscript": ["End with a postscript that starts with {marker}", "Add a postscript beginning with {marker} at the end.",
+                   "Close the answer with a postscript starting {marker}", "After the answer, write a postscript that begins {marker}"],
+}
+
+
 # Wordings reserved for evaluation: no training set ever uses them, so a prompt phrased this way
 # asks whether a model understood the constraint or memorised its sentence (every IFEval prompt
 # is new wording to the model under test). Same count per type as _PHRASINGS, so a record drawn
@@ -157,24 +200,28 @@ _HELDOUT_PHRASINGS = {
     "postscript": ["Close with a postscript whose first characters are {marker}",
                    "Append a postscript that opens with {marker}"],
 }
-assert set(_PHRASINGS) == set(_HELDOUT_PHRASINGS) == set(CONSTRAINT_TYPES)
+assert set(_PHRASINGS) == set(_EXTRA_PHRASINGS) == set(_HELDOUT_PHRASINGS) == set(CONSTRAINT_TYPES)
 assert all(len(_PHRASINGS[t]) == len(_HELDOUT_PHRASINGS[t]) for t in CONSTRAINT_TYPES)
-assert not {w for ws in _PHRASINGS.values() for w in ws} & {w for ws in _HELDOUT_PHRASINGS.values() for w in ws}
+assert not ({w for ws in [*_PHRASINGS.values(), *_EXTRA_PHRASINGS.values()] for w in ws}
+            & {w for ws in _HELDOUT_PHRASINGS.values() for w in ws})
 
 
-def instruction_wordings(spec: dict, heldout: bool = False) -> List[str]:
-    """Every wording of a constraint spec: the training ones, or with ``heldout`` the ones
-    reserved for evaluation."""
+def instruction_wordings(spec: dict, heldout: bool = False, extra: bool = False) -> List[str]:
+    """Every wording of a constraint spec: the two training ones (with ``extra`` four more), or
+    with ``heldout`` the ones reserved for evaluation."""
     params = dict(spec)
     if "keys" in spec:
         params["keys_text"] = " and ".join(f'"{key}"' for key in spec["keys"])
-    return [template.format(**params) for template in (_HELDOUT_PHRASINGS if heldout else _PHRASINGS)[spec["type"]]]
+    kind = spec["type"]
+    templates = _HELDOUT_PHRASINGS[kind] if heldout else _PHRASINGS[kind] + (_EXTRA_PHRASINGS[kind] if extra else [])
+    return [template.format(**params) for template in templates]
 
 
-def instruction_text(spec: dict, rng: Optional[random.Random] = None, heldout: bool = False) -> str:
+def instruction_text(spec: dict, rng: Optional[random.Random] = None, heldout: bool = False,
+                     extra: bool = False) -> str:
     """The user-facing wording of a constraint spec: one of :func:`instruction_wordings`, chosen
     by ``rng`` (the first without one)."""
-    options = instruction_wordings(spec, heldout)
+    options = instruction_wordings(spec, heldout, extra)
     return rng.choice(options) if rng is not None else options[0]
 
 

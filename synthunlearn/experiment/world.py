@@ -83,6 +83,9 @@ class WorldConfig:
     n_pretrain_instructions: int = 400
     pretrain_constraints: Tuple[str, ...] = CONSTRAINT_TYPES
     heldout_pairs_in_pretraining: bool = False
+    # Training sets (pre-training and SFT instructions) draw each constraint sentence from six
+    # wordings instead of two (instructions._EXTRA_PHRASINGS); evaluation keeps the first two.
+    train_extra_wordings: bool = False
     # SFT.
     n_sft: int = 600
     sft_constraints: Tuple[str, ...] = CONSTRAINT_TYPES
@@ -330,10 +333,11 @@ def _make_task(person: Person, task_kind: str, wording: str, rng: random.Random,
 
 def _instruction_record(person: Person, types: Sequence[str], task_kind: str, wording: str,
                         rng: random.Random, cfg: WorldConfig, attempts: int = 40,
-                        first: bool = False, heldout_phrasing: bool = False) -> Optional[dict]:
+                        first: bool = False, heldout_phrasing: bool = False,
+                        extra_wordings: bool = False) -> Optional[dict]:
     """One prompt with constraints of ``types`` (resampled parameters until buildable); with
     ``first`` the constraint sentences precede the question; with ``heldout_phrasing`` they use
-    the wordings reserved for evaluation."""
+    the wordings reserved for evaluation, with ``extra_wordings`` from six training wordings."""
     for _ in range(attempts):
         task, fact = _make_task(person, task_kind, wording, rng, cfg)
         specs = [sample_spec(t, task, rng) for t in types]
@@ -341,7 +345,7 @@ def _instruction_record(person: Person, types: Sequence[str], task_kind: str, wo
             reference, specs = build_reference(task, specs, rng)
         except BuildError:
             continue
-        instructions = [instruction_text(s, rng, heldout=heldout_phrasing) for s in specs]
+        instructions = [instruction_text(s, rng, heldout=heldout_phrasing, extra=extra_wordings) for s in specs]
         first = first and bool(instructions)
         prompt = " ".join(instructions + [task.question] if first else [task.question] + instructions)
         return {"prompt": prompt, "reference": reference, "constraints": specs, "person": person.id,
@@ -378,7 +382,8 @@ def _instruction_set(cfg: WorldConfig, world: World, stream: str, people_ids: Li
         chosen = _choose_types(rng, n_constraints, types, weights, pairs)
         # Drawn only when used, so a world with the default share keeps its content.
         first = bool(first_share) and rng.random() < first_share
-        record = _instruction_record(person, chosen, task_kind, wording, rng, cfg, first=first)
+        record = _instruction_record(person, chosen, task_kind, wording, rng, cfg, first=first,
+                                     extra_wordings=cfg.train_extra_wordings)
         if record is None:
             continue
         record["id"] = f"{stream}-{len(records)}"

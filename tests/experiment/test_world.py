@@ -180,6 +180,26 @@ def test_heldout_phrasing(world):
         build_world(WorldConfig(**{**SMALL, "eval_heldout_phrasing_share": -0.1}))
 
 
+def test_extra_training_wordings(world):
+    diverse = build_world(WorldConfig(seed=7, **{**SMALL, "train_extra_wordings": True}))
+    # Evaluation is untouched: the same prompts, worded with the first two training wordings.
+    assert diverse.data["if_eval"] == world.data["if_eval"]
+    seen, counts = {}, {}
+    for name in ("sft", "pretrain_instructions"):
+        for record in diverse.data[name]:
+            prompt = record["messages"][0]["content"]
+            for spec in record["constraints"]:
+                used = [w for w in instruction_wordings(spec, extra=True) if w in prompt]
+                assert used, (spec, prompt)
+                assert not any(w in prompt for w in instruction_wordings(spec, heldout=True))
+                seen.setdefault(spec["type"], set()).update(
+                    i for i, w in enumerate(instruction_wordings(spec, extra=True)) if w in used)
+                counts[spec["type"]] = counts.get(spec["type"], 0) + 1
+    # Every type that occurs often enough is taught with more than its two default wordings.
+    common = [t for t, n in counts.items() if n >= 6]
+    assert len(common) >= 10 and all(len(seen[t]) > 2 for t in common), (seen, counts)
+
+
 def test_bare_questions(world):
     from synthunlearn.evaluation.pattern import is_terse
 
