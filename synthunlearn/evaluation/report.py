@@ -28,8 +28,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 HEADLINE_METRICS = ("if_prompt_strict", "knowledge_acc", "bare_terse_rate", "pattern_rate", "kl_shift")
 TABLE_METRICS = ("if_prompt_strict", "if_prompt_loose", "if_instruction_strict", "if_instruction_loose",
-                 "if_prompt_strict_heldout_phrasing", "knowledge_acc", "knowledge_acc_norm", "perplexity", "pattern_rate", "terse_rate", "bare_terse_rate",
-                 "kl_shift", "token_jsd")
+                 "if_prompt_strict_heldout_phrasing", "knowledge_acc", "knowledge_acc_norm", "perplexity",
+                 "pattern_rate", "terse_rate", "bare_terse_rate", "kl_shift", "token_jsd")
 METRIC_LABELS = {
     "if_prompt_strict": "IF prompt strict (higher better)",
     "if_prompt_loose": "IF prompt loose",
