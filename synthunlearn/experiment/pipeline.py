@@ -644,8 +644,9 @@ def check_predictions(arms: Dict[str, dict]) -> Dict[str, object]:
     return out
 
 
-TABLE_COLUMNS = ("if_prompt_strict", "if_instruction_strict", "if_prompt_loose", "knowledge_acc", "perplexity",
-                 "pattern_rate", "terse_rate", "bare_terse_rate", "kl_shift", "token_jsd")
+# A column appears only when some arm has the metric (held-out wordings only when configured).
+TABLE_COLUMNS = ("if_prompt_strict", "if_instruction_strict", "if_prompt_loose", "if_prompt_strict_heldout_phrasing",
+                 "knowledge_acc", "perplexity", "pattern_rate", "terse_rate", "bare_terse_rate", "kl_shift", "token_jsd")
 
 
 def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
