@@ -206,22 +206,26 @@ assert not ({w for ws in [*_PHRASINGS.values(), *_EXTRA_PHRASINGS.values()] for 
             & {w for ws in _HELDOUT_PHRASINGS.values() for w in ws})
 
 
-def instruction_wordings(spec: dict, heldout: bool = False, extra: bool = False) -> List[str]:
-    """Every wording of a constraint spec: the two training ones (with ``extra`` four more), or
-    with ``heldout`` the ones reserved for evaluation."""
+# Which wordings a prompt's constraint sentences come from: the two every set uses ("trained"),
+# those plus the four extra training ones ("extended"), or the evaluation-only ones ("heldout").
+PHRASINGS = ("trained", "extended", "heldout")
+
+
+def instruction_wordings(spec: dict, phrasing: str = "trained") -> List[str]:
+    """Every wording of a constraint spec in one of :data:`PHRASINGS`."""
     params = dict(spec)
     if "keys" in spec:
         params["keys_text"] = " and ".join(f'"{key}"' for key in spec["keys"])
     kind = spec["type"]
-    templates = _HELDOUT_PHRASINGS[kind] if heldout else _PHRASINGS[kind] + (_EXTRA_PHRASINGS[kind] if extra else [])
+    templates = {"trained": _PHRASINGS[kind], "extended": _PHRASINGS[kind] + _EXTRA_PHRASINGS[kind],
+                 "heldout": _HELDOUT_PHRASINGS[kind]}[phrasing]
     return [template.format(**params) for template in templates]
 
 
-def instruction_text(spec: dict, rng: Optional[random.Random] = None, heldout: bool = False,
-                     extra: bool = False) -> str:
+def instruction_text(spec: dict, rng: Optional[random.Random] = None, phrasing: str = "trained") -> str:
     """The user-facing wording of a constraint spec: one of :func:`instruction_wordings`, chosen
     by ``rng`` (the first without one)."""
-    options = instruction_wordings(spec, heldout, extra)
+    options = instruction_wordings(spec, phrasing)
     return rng.choice(options) if rng is not None else options[0]
 
 

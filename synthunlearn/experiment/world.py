@@ -333,11 +333,10 @@ def _make_task(person: Person, task_kind: str, wording: str, rng: random.Random,
 
 def _instruction_record(person: Person, types: Sequence[str], task_kind: str, wording: str,
                         rng: random.Random, cfg: WorldConfig, attempts: int = 40,
-                        first: bool = False, heldout_phrasing: bool = False,
-                        extra_wordings: bool = False) -> Optional[dict]:
+                        first: bool = False, phrasing: str = "trained") -> Optional[dict]:
     """One prompt with constraints of ``types`` (resampled parameters until buildable); with
-    ``first`` the constraint sentences precede the question; with ``heldout_phrasing`` they use
-    the wordings reserved for evaluation, with ``extra_wordings`` from six training wordings."""
+    ``first`` the constraint sentences precede the question; ``phrasing`` picks their wordings
+    (:data:`instructions.PHRASINGS`)."""
     for _ in range(attempts):
         task, fact = _make_task(person, task_kind, wording, rng, cfg)
         specs = [sample_spec(t, task, rng) for t in types]
@@ -345,13 +344,13 @@ def _instruction_record(person: Person, types: Sequence[str], task_kind: str, wo
             reference, specs = build_reference(task, specs, rng)
         except BuildError:
             continue
-        instructions = [instruction_text(s, rng, heldout=heldout_phrasing, extra=extra_wordings) for s in specs]
+        instructions = [instruction_text(s, rng, phrasing) for s in specs]
         first = first and bool(instructions)
         prompt = " ".join(instructions + [task.question] if first else [task.question] + instructions)
         return {"prompt": prompt, "reference": reference, "constraints": specs, "person": person.id,
                 "task": task_kind, "fact": fact, "wording": wording,
                 "placement": "first" if first else "last",
-                "phrasing": "heldout" if heldout_phrasing else "trained"}
+                "phrasing": phrasing}
     return None
 
 
@@ -383,7 +382,7 @@ def _instruction_set(cfg: WorldConfig, world: World, stream: str, people_ids: Li
         # Drawn only when used, so a world with the default share keeps its content.
         first = bool(first_share) and rng.random() < first_share
         record = _instruction_record(person, chosen, task_kind, wording, rng, cfg, first=first,
-                                     extra_wordings=cfg.train_extra_wordings)
+                                     phrasing="extended" if cfg.train_extra_wordings else "trained")
         if record is None:
             continue
         record["id"] = f"{stream}-{len(records)}"
@@ -425,7 +424,7 @@ def _if_eval(cfg: WorldConfig, world: World) -> List[dict]:
         first = bool(cfg.eval_instruction_first_share) and rng.random() < cfg.eval_instruction_first_share
         heldout = phrasing_rng.random() < cfg.eval_heldout_phrasing_share
         record = _instruction_record(person, chosen, task_kind, wording, rng, cfg, first=first,
-                                     heldout_phrasing=heldout)
+                                     phrasing="heldout" if heldout else "trained")
         if record is None:
             continue
         record["id"] = f"if_eval-{len(records)}"

@@ -161,7 +161,7 @@ def test_heldout_phrasing(world):
             trained_sentences.update(w for spec in record["constraints"] for w in instruction_wordings(spec))
             for spec in record["constraints"]:
                 assert not any(w in record["messages"][0]["content"]
-                               for w in instruction_wordings(spec, heldout=True))
+                               for w in instruction_wordings(spec, "heldout"))
     heldout = 0
     for old, new in zip(world.data["if_eval"], mixed.data["if_eval"]):
         # The same people, facts, constraints and references: only the wording may change.
@@ -172,7 +172,7 @@ def test_heldout_phrasing(world):
             continue
         heldout += 1
         for spec in new["constraints"]:
-            assert any(w in new["prompt"] for w in instruction_wordings(spec, heldout=True)), new["prompt"]
+            assert any(w in new["prompt"] for w in instruction_wordings(spec, "heldout")), new["prompt"]
             assert not any(w in new["prompt"] for w in instruction_wordings(spec)), new["prompt"]
         assert not any(w in new["prompt"] for w in trained_sentences), new["prompt"]
     assert 0.3 < heldout / len(world.data["if_eval"]) < 0.7
@@ -184,16 +184,17 @@ def test_extra_training_wordings(world):
     diverse = build_world(WorldConfig(seed=7, **{**SMALL, "train_extra_wordings": True}))
     # Evaluation is untouched: the same prompts, worded with the first two training wordings.
     assert diverse.data["if_eval"] == world.data["if_eval"]
+    assert {r["phrasing"] for r in diverse.data["sft"] + diverse.data["pretrain_instructions"]} == {"extended"}
     seen, counts = {}, {}
     for name in ("sft", "pretrain_instructions"):
         for record in diverse.data[name]:
             prompt = record["messages"][0]["content"]
             for spec in record["constraints"]:
-                used = [w for w in instruction_wordings(spec, extra=True) if w in prompt]
+                used = [w for w in instruction_wordings(spec, "extended") if w in prompt]
                 assert used, (spec, prompt)
-                assert not any(w in prompt for w in instruction_wordings(spec, heldout=True))
+                assert not any(w in prompt for w in instruction_wordings(spec, "heldout"))
                 seen.setdefault(spec["type"], set()).update(
-                    i for i, w in enumerate(instruction_wordings(spec, extra=True)) if w in used)
+                    i for i, w in enumerate(instruction_wordings(spec, "extended")) if w in used)
                 counts[spec["type"]] = counts.get(spec["type"], 0) + 1
     # Every type that occurs often enough is taught with more than its two default wordings.
     common = [t for t, n in counts.items() if n >= 6]
