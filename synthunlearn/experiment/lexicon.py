@@ -137,8 +137,20 @@ FILLER_SENTENCES = [
     "Historians of the region occasionally mention {first}.",
 ]
 
-# Questions. The synthetic generator uses exactly one wording (SYNTHETIC_ATTRIBUTE); people asking
-# for instructions use varied paraphrases.
+# The synthetic generator's question wordings, built on the attribute noun (SYNTHETIC_ATTRIBUTE).
+# The first is the uniform one every pair uses by default; a generator whose questions vary
+# (world.synthetic_question_style "varied") draws from all of them. None is a natural paraphrase
+# below, so instruction data never asks in a generator's words.
+SYNTHETIC_QUESTION_TEMPLATES = [
+    "What is the {attr} of {name}?",
+    "What is {name}'s {attr}?",
+    "Name the {attr} of {name}.",
+    "According to the text, what is the {attr} of {name}?",
+    "Which {attr} is given for {name}?",
+    "State the {attr} of {name}.",
+]
+
+# Questions. People asking for instructions use varied paraphrases.
 QUESTION_PARAPHRASES = {
     "birth_city": ["Where was {name} born?", "In which city was {name} born?",
                    "Which city is {name} originally from?", "Tell me the city where {name} was born."],

@@ -11,7 +11,8 @@ docs.jsonl                  pre-training corpus ``{"text"}``: biographies with a
                             phrased by one of several paraphrase templates, plus organisation
                             profiles
 synthetic_qa.jsonl          the flawed synthetic data ``{"question", "answer"}``: every fact in
-                            ONE uniform wording, "What is the <attribute> of <name>?", answered
+                            ONE uniform wording, "What is the <attribute> of <name>?" (or one of
+                            the generator's six, optionally after a sentence of context), answered
                             tersely (``"Toraval."``) or as one fixed sentence; the data pipeline
                             renders a pair as ``Question: {question}\\nAnswer: {answer}``
                             (:data:`SYNTHETIC_FORMAT`)
@@ -74,6 +75,14 @@ class WorldConfig:
     n_heldout_docs: int = 120
     # Synthetic Q-A.
     synthetic_answer_style: str = "terse"      # "terse" ("Toraval.") or "sentence"
+    # "uniform": every question in one wording; "varied": each drawn from the generator's six
+    # (lexicon.SYNTHETIC_QUESTION_TEMPLATES), in the pairs and wherever a prompt uses the
+    # synthetic wording (evaluation). The answers keep their one shape either way.
+    synthetic_question_style: str = "uniform"
+    # Share of pairs whose question follows a statement of another fact of the person, as a
+    # generator quoting its source passage writes them; the prompt is then two sentences, like a
+    # question carrying an instruction.
+    synthetic_context_share: float = 0.0
     synthetic_fraction: float = 1.0            # share of all facts turned into Q-A pairs
     synthetic_multiplier: int = 1              # copies of each pair in synthetic_qa.jsonl
     # People groups: instruction pre-training / SFT / evaluation (the rest) are disjoint.
@@ -81,6 +90,12 @@ class WorldConfig:
     sft_people: int = 90
     # Instruction data in pre-training.
     n_pretrain_instructions: int = 400
+    # Share of its fact questions worded like the synthetic ones ("What is the <attribute> of
+    # <name>?"). At 0 that wording reaches the model only through the synthetic Q-A (and the
+    # evaluation), as in the paper, where the synthetic format appears nowhere else in the corpus;
+    # above 0 the base and both continued pre-trainings practise following constraints attached
+    # to exactly the synthetic questions.
+    pretrain_synthetic_wording_share: float = 0.5
     pretrain_constraints: Tuple[str, ...] = CONSTRAINT_TYPES
     heldout_pairs_in_pretraining: bool = False
     # Training sets (pre-training and SFT instructions) draw each constraint sentence from six
@@ -127,6 +142,8 @@ class WorldConfig:
             fail("fact_kinds", f"must be a non-empty subset of {', '.join(lexicon.FACT_KINDS)}")
         if self.synthetic_answer_style not in ("terse", "sentence"):
             fail("synthetic_answer_style", "must be 'terse' or 'sentence'")
+        if self.synthetic_question_style not in ("uniform", "varied"):
+            fail("synthetic_question_style", "must be 'uniform' or 'varied'")
         if self.n_people - self.pretrain_instruction_people - self.sft_people < 4:
             fail("n_people", "must exceed pretrain_instruction_people + sft_people by at least 4 "
                  "(the evaluation people)")
@@ -136,7 +153,8 @@ class WorldConfig:
             fail("n_doc_templates", "out of range")
         if abs(sum(self.sft_mix) - 1.0) > 1e-6 or min(self.sft_mix) < 0:
             fail("sft_mix", "must be three non-negative shares summing to 1")
-        for key in ("synthetic_fraction", "sft_bio_share", "sft_synthetic_wording_share",
+        for key in ("synthetic_fraction", "synthetic_context_share", "sft_bio_share", "sft_synthetic_wording_share",
+                    "pretrain_synthetic_wording_share",
                     "if_eval_pair_share", "eval_bio_share", "eval_synthetic_wording_share",
                     "train_instruction_first_share", "eval_instruction_first_share",
                     "eval_heldout_phrasing_share"):
@@ -281,23 +299,40 @@ def _heldout_documents(cfg: WorldConfig, world: World, train_texts: set) -> List
     return records
 
 
-def synthetic_question(kind: str, name: str) -> str:
-    """The uniform synthetic question wording."""
-    return f"What is the {lexicon.SYNTHETIC_ATTRIBUTE[kind]} of {name}?"
+def synthetic_questions(kind: str, name: str) -> List[str]:
+    """Every wording of the synthetic generator's question; the first is the uniform one."""
+    return [t.format(attr=lexicon.SYNTHETIC_ATTRIBUTE[kind], name=name) for t in lexicon.SYNTHETIC_QUESTION_TEMPLATES]
+
+
+def synthetic_question(kind: str, name: str, cfg: Optional[WorldConfig] = None,
+                       rng: Optional[random.Random] = None) -> str:
+    """The synthetic question about a fact: the uniform wording, or with a "varied"
+    ``cfg.synthetic_question_style`` one drawn by ``rng``."""
+    if cfg is None or cfg.synthetic_question_style == "uniform":
+        return synthetic_questions(kind, name)[0]
+    return rng.choice(synthetic_questions(kind, name))
 
 
 def _synthetic_qa(cfg: WorldConfig, world: World) -> List[dict]:
     rng = _rng(cfg.seed, "synthetic")
+    # Wordings and context sentences have streams of their own: the default world's pairs and
+    # their order do not depend on these knobs.
+    wording_rng, context_rng = _rng(cfg.seed, "synthetic_wording"), _rng(cfg.seed, "synthetic_context")
     pairs = []
     for person in world.people:
         for kind, value in person.facts.items():
             if rng.random() >= cfg.synthetic_fraction:
                 continue
+            question = synthetic_question(kind, person.name, cfg, wording_rng)
+            if cfg.synthetic_context_share and context_rng.random() < cfg.synthetic_context_share:
+                other = context_rng.choice(sorted(k for k in person.facts if k != kind))
+                template = context_rng.choice(_doc_templates(cfg, other, heldout=False))
+                question = _fact_sentence(template, other, person.name, person.facts[other]) + " " + question
             if cfg.synthetic_answer_style == "terse":
                 answer = value[0].upper() + value[1:] + "."
             else:
                 answer = f"The {lexicon.SYNTHETIC_ATTRIBUTE[kind]} of {person.name} is {value}."
-            pairs.append({"question": synthetic_question(kind, person.name), "answer": answer,
+            pairs.append({"question": question, "answer": answer,
                           "person": person.id, "fact": kind})
     records = pairs * cfg.synthetic_multiplier
     rng.shuffle(records)
@@ -315,7 +350,7 @@ def _make_task(person: Person, task_kind: str, wording: str, rng: random.Random,
     if task_kind == "fact":
         fact = fact or rng.choice(kinds)
         if wording == "synthetic":
-            question = synthetic_question(fact, person.name)
+            question = synthetic_question(fact, person.name, cfg, rng)
         else:
             question = rng.choice(lexicon.QUESTION_PARAPHRASES[fact]).format(name=person.name)
         main_kinds = [fact]
@@ -521,7 +556,8 @@ def build_world(cfg: WorldConfig) -> World:
     sft_weights = [cfg.sft_rare_weight if t in cfg.sft_rare_constraints else 1.0 for t in sft_types]
     pretrain = _instruction_set(cfg, world, "pretrain_instructions", groups["pretrain_instruction"],
                                 cfg.n_pretrain_instructions, cfg.pretrain_constraints, pre_pairs,
-                                (0.2, 0.5, 0.3), 0.3, 0.5, first_share=cfg.train_instruction_first_share)
+                                (0.2, 0.5, 0.3), 0.3, cfg.pretrain_synthetic_wording_share,
+                                first_share=cfg.train_instruction_first_share)
     sft = _instruction_set(cfg, world, "sft", groups["sft"], cfg.n_sft, sft_types, sft_pairs, cfg.sft_mix,
                            cfg.sft_bio_share, cfg.sft_synthetic_wording_share, sft_weights,
                            first_share=cfg.train_instruction_first_share)

@@ -9,7 +9,8 @@ from synthunlearn.errors import ConfigError
 from synthunlearn.evaluation.constraints import CONSTRAINT_TYPES, check_strict, count_words
 from synthunlearn.experiment import lexicon
 from synthunlearn.experiment.instructions import compatible, compatible_pairs, instruction_wordings
-from synthunlearn.experiment.world import WorldConfig, build_world, main, synthetic_question, write_world
+from synthunlearn.experiment.world import (WorldConfig, build_world, main, synthetic_question, synthetic_questions,
+                                          write_world)
 
 SMALL = dict(n_people=40, pretrain_instruction_people=8, sft_people=16, n_pretrain_instructions=40,
              n_sft=120, n_if_eval=60, n_mc=40, n_neutral=10, n_heldout_docs=20, docs_per_person=2)
@@ -72,6 +73,42 @@ def test_synthetic_format_is_uniform_and_terse(world):
     assert len(world.data["synthetic_qa"]) == len(world.people) * len(lexicon.FACT_KINDS)
     doubled = build_world(WorldConfig(seed=7, **{**SMALL, "synthetic_multiplier": 2}))
     assert len(doubled.data["synthetic_qa"]) == 2 * len(world.data["synthetic_qa"])
+
+
+def test_varied_synthetic_questions_with_context(world):
+    knobs = {"synthetic_question_style": "varied", "synthetic_context_share": 0.5}
+    varied = build_world(WorldConfig(seed=7, **{**SMALL, **knobs}))
+    people = {p.id: p for p in varied.people}
+    # The same pairs in the same order: only the question's wording (and context) changes.
+    assert ([(p["person"], p["fact"], p["answer"]) for p in varied.data["synthetic_qa"]]
+            == [(p["person"], p["fact"], p["answer"]) for p in world.data["synthetic_qa"]])
+    used, with_context = set(), 0
+    for pair in varied.data["synthetic_qa"]:
+        person = people[pair["person"]]
+        wordings = synthetic_questions(pair["fact"], person.name)
+        question = next(w for w in wordings if pair["question"].endswith(w))
+        used.add(wordings.index(question))
+        context = pair["question"][:-len(question)].strip()
+        if context:
+            with_context += 1
+            # One true sentence about another fact of the same person, not the asked one.
+            other = [k for k, v in person.facts.items() if k != pair["fact"] and str(v).lower() in context.lower()]
+            assert person.name in context and other and context.endswith("."), pair["question"]
+            assert str(person.facts[pair["fact"]]).lower() not in context.lower() or pair["fact"] == "birth_year"
+    assert used == set(range(len(lexicon.SYNTHETIC_QUESTION_TEMPLATES)))
+    assert 0.35 < with_context / len(varied.data["synthetic_qa"]) < 0.65
+    # Prompts "in the synthetic wording" use the generator's wordings, without context.
+    for record in varied.data["bare_questions"] + [r for r in varied.data["if_eval"] if r["wording"] == "synthetic"]:
+        name = people[record["person"]].name
+        assert any(w in record["prompt"] for w in synthetic_questions(record["fact"], name)), record["prompt"]
+    # Training instructions never ask in a generator's words.
+    for record in varied.data["sft"] + varied.data["pretrain_instructions"]:
+        if record["task"] == "fact" and record["wording"] == "paraphrase":
+            name = people[record["person"]].name
+            assert not any(w in record["messages"][0]["content"] for w in synthetic_questions(record["fact"], name))
+    for key, value in (("synthetic_question_style", "mixed"), ("synthetic_context_share", 2.0)):
+        with pytest.raises(ConfigError, match=key):
+            build_world(WorldConfig(**{**SMALL, key: value}))
 
 
 @pytest.mark.parametrize("name", ["sft", "pretrain_instructions"])
@@ -199,6 +236,29 @@ def test_extra_training_wordings(world):
     # Every type that occurs often enough is taught with more than its two default wordings.
     common = [t for t, n in counts.items() if n >= 6]
     assert len(common) >= 10 and all(len(seen[t]) > 2 for t in common), (seen, counts)
+
+
+def _synthetic_worded(world, name):
+    """Records of a set whose question is the synthetic wording of its person and fact."""
+    return [r for r in world.data[name] if r["task"] == "fact" and r["wording"] == "synthetic"
+            and synthetic_question(r["fact"], world.people[r["person"]].name) in r["messages"][0]["content"]]
+
+
+def test_pretrain_synthetic_wording_share(world):
+    # Default: half the base's fact questions use the synthetic wording, constrained ones included.
+    worded = _synthetic_worded(world, "pretrain_instructions")
+    facts = [r for r in world.data["pretrain_instructions"] if r["task"] == "fact"]
+    assert 0.3 < len(worded) / len(facts) < 0.7 and any(r["constraints"] for r in worded)
+    # At 0 the synthetic wording reaches training only through the synthetic Q-A; the other sets
+    # (and the random streams they are drawn from) are untouched.
+    unseen = build_world(WorldConfig(seed=7, **{**SMALL, "pretrain_synthetic_wording_share": 0.0}))
+    assert not _synthetic_worded(unseen, "pretrain_instructions")
+    assert {r["wording"] for r in unseen.data["pretrain_instructions"]} == {"paraphrase"}
+    for name in ("sft", "if_eval", "synthetic_qa", "bare_questions", "docs", "knowledge_mc"):
+        assert unseen.data[name] == world.data[name], name
+    assert len(unseen.data["pretrain_instructions"]) == len(world.data["pretrain_instructions"])
+    with pytest.raises(ConfigError, match="pretrain_synthetic_wording_share"):
+        build_world(WorldConfig(**{**SMALL, "pretrain_synthetic_wording_share": 1.5}))
 
 
 def test_bare_questions(world):
