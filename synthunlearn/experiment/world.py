@@ -83,6 +83,11 @@ class WorldConfig:
     # generator quoting its source passage writes them; the prompt is then two sentences, like a
     # question carrying an instruction.
     synthetic_context_share: float = 0.0
+    # Whether the generator also covers the evaluation people (those of if_eval and
+    # bare_questions). Without them, instruction following is measured on people about whom neither
+    # arm saw a synthetic pair, as IFEval's prompts have nothing to do with the synthetic corpus:
+    # the pairs' knowledge cannot help the synthetic arm fill a long or structured reply.
+    synthetic_covers_eval_people: bool = True
     synthetic_fraction: float = 1.0            # share of all facts turned into Q-A pairs
     synthetic_multiplier: int = 1              # copies of each pair in synthetic_qa.jsonl
     # People groups: instruction pre-training / SFT / evaluation (the rest) are disjoint.
@@ -318,10 +323,13 @@ def _synthetic_qa(cfg: WorldConfig, world: World) -> List[dict]:
     # Wordings and context sentences have streams of their own: the default world's pairs and
     # their order do not depend on these knobs.
     wording_rng, context_rng = _rng(cfg.seed, "synthetic_wording"), _rng(cfg.seed, "synthetic_context")
+    eval_people = set(world.groups["eval"])
     pairs = []
     for person in world.people:
         for kind, value in person.facts.items():
             if rng.random() >= cfg.synthetic_fraction:
+                continue
+            if not cfg.synthetic_covers_eval_people and person.id in eval_people:
                 continue
             question = synthetic_question(kind, person.name, cfg, wording_rng)
             if cfg.synthetic_context_share and context_rng.random() < cfg.synthetic_context_share:

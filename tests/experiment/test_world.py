@@ -106,6 +106,15 @@ def test_varied_synthetic_questions_with_context(world):
         if record["task"] == "fact" and record["wording"] == "paraphrase":
             name = people[record["person"]].name
             assert not any(w in record["messages"][0]["content"] for w in synthetic_questions(record["fact"], name))
+    # Without the evaluation people the generator writes exactly the other pairs (shuffled anew).
+    narrow = build_world(WorldConfig(seed=7, **{**SMALL, "synthetic_covers_eval_people": False}))
+    eval_people = set(world.groups["eval"])
+    assert (sorted(json.dumps(p, sort_keys=True) for p in narrow.data["synthetic_qa"])
+            == sorted(json.dumps(p, sort_keys=True) for p in world.data["synthetic_qa"] if p["person"] not in eval_people))
+    assert len(narrow.data["synthetic_qa"]) < len(world.data["synthetic_qa"])
+    assert {r["person"] for r in narrow.data["if_eval"] + narrow.data["bare_questions"]} <= eval_people
+    for name in ("if_eval", "bare_questions", "sft", "pretrain_instructions", "knowledge_mc"):
+        assert narrow.data[name] == world.data[name], name
     for key, value in (("synthetic_question_style", "mixed"), ("synthetic_context_share", 2.0)):
         with pytest.raises(ConfigError, match=key):
             build_world(WorldConfig(**{**SMALL, key: value}))
