@@ -158,8 +158,8 @@ class WorldConfig:
             fail("n_doc_templates", "out of range")
         if abs(sum(self.sft_mix) - 1.0) > 1e-6 or min(self.sft_mix) < 0:
             fail("sft_mix", "must be three non-negative shares summing to 1")
-        for key in ("synthetic_fraction", "synthetic_context_share", "sft_bio_share", "sft_synthetic_wording_share",
-                    "pretrain_synthetic_wording_share",
+        for key in ("synthetic_fraction", "synthetic_context_share", "sft_bio_share",
+                    "sft_synthetic_wording_share", "pretrain_synthetic_wording_share",
                     "if_eval_pair_share", "eval_bio_share", "eval_synthetic_wording_share",
                     "train_instruction_first_share", "eval_instruction_first_share",
                     "eval_heldout_phrasing_share"):
@@ -306,7 +306,8 @@ def _heldout_documents(cfg: WorldConfig, world: World, train_texts: set) -> List
 
 def synthetic_questions(kind: str, name: str) -> List[str]:
     """Every wording of the synthetic generator's question; the first is the uniform one."""
-    return [t.format(attr=lexicon.SYNTHETIC_ATTRIBUTE[kind], name=name) for t in lexicon.SYNTHETIC_QUESTION_TEMPLATES]
+    attribute = lexicon.SYNTHETIC_ATTRIBUTE[kind]
+    return [t.format(attr=attribute, name=name) for t in lexicon.SYNTHETIC_QUESTION_TEMPLATES]
 
 
 def synthetic_question(kind: str, name: str, cfg: Optional[WorldConfig] = None,
