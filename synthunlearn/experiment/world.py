@@ -310,11 +310,11 @@ def synthetic_questions(kind: str, name: str) -> List[str]:
     return [t.format(attr=attribute, name=name) for t in lexicon.SYNTHETIC_QUESTION_TEMPLATES]
 
 
-def synthetic_question(kind: str, name: str, cfg: Optional[WorldConfig] = None,
+def synthetic_question(kind: str, name: str, style: str = "uniform",
                        rng: Optional[random.Random] = None) -> str:
-    """The synthetic question about a fact: the uniform wording, or with a "varied"
-    ``cfg.synthetic_question_style`` one drawn by ``rng``."""
-    if cfg is None or cfg.synthetic_question_style == "uniform":
+    """The synthetic question about a fact: the uniform wording, or for ``style`` "varied"
+    (``WorldConfig.synthetic_question_style``) one drawn by ``rng``, which only then is used."""
+    if style == "uniform":
         return synthetic_questions(kind, name)[0]
     return rng.choice(synthetic_questions(kind, name))
 
@@ -332,7 +332,7 @@ def _synthetic_qa(cfg: WorldConfig, world: World) -> List[dict]:
                 continue
             if not cfg.synthetic_covers_eval_people and person.id in eval_people:
                 continue
-            question = synthetic_question(kind, person.name, cfg, wording_rng)
+            question = synthetic_question(kind, person.name, cfg.synthetic_question_style, wording_rng)
             if cfg.synthetic_context_share and context_rng.random() < cfg.synthetic_context_share:
                 other = context_rng.choice(sorted(k for k in person.facts if k != kind))
                 template = context_rng.choice(_doc_templates(cfg, other, heldout=False))
@@ -359,7 +359,7 @@ def _make_task(person: Person, task_kind: str, wording: str, rng: random.Random,
     if task_kind == "fact":
         fact = fact or rng.choice(kinds)
         if wording == "synthetic":
-            question = synthetic_question(fact, person.name, cfg, rng)
+            question = synthetic_question(fact, person.name, cfg.synthetic_question_style, rng)
         else:
             question = rng.choice(lexicon.QUESTION_PARAPHRASES[fact]).format(name=person.name)
         main_kinds = [fact]
