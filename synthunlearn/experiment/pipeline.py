@@ -19,7 +19,8 @@ cpt/synthetic   continued pre-training on the same mixture + ``synthetic_copies`
                 added on top of the same passes over documents and instructions)
 unlearn/<arm>   from cpt/synthetic: capped ascent on the synthetic Q-A + replay on documents + KL
                 to cpt/synthetic (``unlearned``), and the ablations ``ga_unbounded`` (plain
-                ascent), ``no_replay``, ``no_kl``
+                ascent), ``no_replay``, ``no_kl``; the control ``no_forget`` (replay + KL
+                alone, the same steps: what the extra training does without any ascent)
 sft/<arm>       the same SFT (data, steps, seed) on every arm's model
 eval/<arm>      :func:`synthunlearn.evaluation.suite.evaluate_model` on capped evaluation sets
 ==============  =================================================================================
@@ -65,8 +66,14 @@ UNLEARN_ARMS = {
     "ga_unbounded": {"objective.forget": "ga"},
     "no_replay": {"objective.replay_weight": 0},
     "no_kl": {"objective.kl_weight": 0},
+    # Control, not an ablation of the paper's method: the unlearning phase with the ascent
+    # switched off. Its difference from `unlearned` is what the ascent does; its difference from
+    # `synthetic` is what the extra replay/KL steps alone do (e.g. with instructions in replay).
+    "no_forget": {"objective.forget_weight": 0},
 }
 ALL_ARMS = ("docs_only", "synthetic") + tuple(UNLEARN_ARMS)
+# The arms, run when a config names none (the control costs one more phase per seed).
+DEFAULT_ARMS = ("docs_only", "synthetic", "unlearned", "ga_unbounded", "no_replay", "no_kl")
 # How the synthetic Q-A pairs are rendered in continued pre-training and in the forget set.
 SYNTHETIC_FORMATS = ("qa", "chat")
 # Continued pre-training budget of the synthetic arm: the docs_only arm's step count, or that count
@@ -82,7 +89,7 @@ DEFAULTS = {
     "deepspeed_config": "configs/deepspeed/zero2.json",
     "parallel_jobs": 1,
     "omp_threads": 1,
-    "arms": list(ALL_ARMS),
+    "arms": list(DEFAULT_ARMS),
     "ablation_seeds": None,           # None: every seed; else a subset for the ablation arms
     "world": {},
     "model": {"vocab_size": 1024, "seed": 0, "arch": {}},

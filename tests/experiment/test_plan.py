@@ -120,6 +120,26 @@ def test_synthetic_budget(prepared, tmp_path, budget):
         assert phases[f"seed{seed}/sft/docs_only"].max_steps == phases[f"seed{seed}/sft/synthetic"].max_steps
 
 
+
+def test_unlearning_arms_differ_from_unlearned_in_one_term_only(prepared, tmp_path):
+    """Each ablation and the no_forget control start from the same synthetic model, on the same
+    forget/replay files and seed, and change exactly one objective key; the default arms are
+    the issue's six (the control runs only when named)."""
+    from synthunlearn.experiment.pipeline import DEFAULT_ARMS, UNLEARN_ARMS
+
+    assert load_experiment_config(None, [])["arms"] == list(DEFAULT_ARMS) and "no_forget" not in DEFAULT_ARMS
+    arms = ["docs_only", "synthetic", *UNLEARN_ARMS]
+    cfg, data, model_dir = _data(prepared, tmp_path, f"arms=[{','.join(arms)}]", "seeds=[3]")
+    phases = {p.name: p for p in plan_phases(cfg, tmp_path, model_dir, data)}
+    reference = phases["seed3/unlearn/unlearned"]
+    changed = {"ga_unbounded": {"objective.forget": "ga"}, "no_replay": {"objective.replay_weight": 0},
+               "no_kl": {"objective.kl_weight": 0}, "no_forget": {"objective.forget_weight": 0}}
+    for arm, extra in changed.items():
+        phase = phases[f"seed3/unlearn/{arm}"]
+        assert phase.overrides == {**reference.overrides, **extra}, arm
+        assert (phase.seed, phase.max_steps, phase.deps) == (reference.seed, reference.max_steps, reference.deps)
+        assert phases[f"seed3/sft/{arm}"].overrides["model.path"] == str(phase.out_dir / "final")
+
 def test_predictions_are_computed_from_the_seed_means():
     from synthunlearn.experiment.pipeline import check_predictions
 
