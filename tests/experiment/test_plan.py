@@ -120,7 +120,6 @@ def test_synthetic_budget(prepared, tmp_path, budget):
         assert phases[f"seed{seed}/sft/docs_only"].max_steps == phases[f"seed{seed}/sft/synthetic"].max_steps
 
 
-
 def test_unlearning_arms_differ_from_unlearned_in_one_term_only(prepared, tmp_path):
     """Each ablation and the no_forget control start from the same synthetic model, on the same
     forget/replay files and seed, and change exactly one objective key; the default arms are
@@ -139,6 +138,7 @@ def test_unlearning_arms_differ_from_unlearned_in_one_term_only(prepared, tmp_pa
         assert phase.overrides == {**reference.overrides, **extra}, arm
         assert (phase.seed, phase.max_steps, phase.deps) == (reference.seed, reference.max_steps, reference.deps)
         assert phases[f"seed3/sft/{arm}"].overrides["model.path"] == str(phase.out_dir / "final")
+
 
 def test_predictions_are_computed_from_the_seed_means():
     from synthunlearn.experiment.pipeline import check_predictions
