@@ -118,6 +118,23 @@ def comparison_table(arms: Mapping[str, Mapping[str, object]], names: Optional[I
     return "\n".join(lines)
 
 
+def paired_table(paired: Mapping[str, Mapping[str, Mapping[str, Number]]]) -> str:
+    """Markdown: one row per contrast and metric of ``{"a - b": {metric: stats}}`` (stats as
+    :func:`synthunlearn.evaluation.statistics.paired_difference` returns them): mean difference ±
+    standard error, the 95 % paired t-interval and the seeds on each side."""
+    def num(x, sign="+"):
+        return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x:{sign}.3f}"
+
+    lines = ["| contrast (a - b) | metric | mean ± se | 95 % interval | seeds a > b / a < b / equal |",
+             "|---|---|---|---|---|"]
+    for contrast, metrics in paired.items():
+        for metric, st in metrics.items():
+            lines.append(f"| {contrast} | {metric} | {num(st['mean'])} ± {num(st['se'], '')} | "
+                         f"[{num(st['ci_low'])}, {num(st['ci_high'])}] | "
+                         f"{st['a_higher']} / {st['b_higher']} / {st['ties']} |")
+    return "\n".join(lines)
+
+
 def plot_headline(arms: Mapping[str, Mapping[str, object]], path, names: Sequence[str] = HEADLINE_METRICS,
                   title: str = "Pattern overfitting and its mitigation") -> Path:
     """One PNG: a panel per metric, one bar per arm (mean, with std error bars when given)."""

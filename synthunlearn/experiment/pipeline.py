@@ -34,7 +34,8 @@ the pipeline would run now is reused; anything else is rerun from scratch (``--o
 Evaluations are cached the same way (``eval.json`` with the evaluation signature).
 
 Output: ``<output_dir>/results.json`` (``{"seeds", "wall_seconds", "compute_seconds", "arms": {arm:
-{metric: {"mean", "std", "n"}}}, "per_seed": ..., ...}``), ``results.md`` and ``results.png``.
+{metric: {"mean", "std", "n"}}}, "per_seed": ..., "paired": {"a - b": {metric: {"mean", "se",
+"ci_low", "ci_high", "n", "a_higher", "b_higher", "ties", "seeds"}}}, ...}``), ``results.md`` and ``results.png``.
 ``wall_seconds`` is this invocation's; ``compute_seconds`` sums the recorded wall time of every
 phase and evaluation, including those a resumed invocation reused (``reused``).
 """
@@ -651,6 +652,37 @@ def check_predictions(arms: Dict[str, dict]) -> Dict[str, object]:
     return out
 
 
+# Paired per-seed contrasts (a - b, same seeds): the paper's claims as differences the seeds can
+# settle. The IF drop is docs_only - synthetic; every unlearning arm is set against synthetic
+# (what it gives back) and `unlearned` against the control (what the ascent itself does) and
+# against plain ascent (what the bound saves).
+IF_METRICS = ("if_prompt_strict", "if_prompt_strict_heldout_phrasing")
+PAIRED_CONTRASTS = (
+    ("docs_only", "synthetic", IF_METRICS),
+    ("synthetic", "docs_only", ("knowledge_acc", "bare_terse_rate")),
+    *((arm, "synthetic", IF_METRICS + ("knowledge_acc", "bare_terse_rate")) for arm in UNLEARN_ARMS),
+    ("unlearned", "no_forget", IF_METRICS + ("bare_terse_rate",)),
+    ("unlearned", "ga_unbounded", ("knowledge_acc", "perplexity")),
+)
+
+
+def paired_contrasts(per_seed: Dict[str, Dict[int, dict]]) -> Dict[str, Dict[str, dict]]:
+    """``"a - b"`` -> metric -> :func:`synthunlearn.evaluation.statistics.paired_difference`,
+    for every contrast of :data:`PAIRED_CONTRASTS` whose two arms both ran and have the metric."""
+    from synthunlearn.evaluation.statistics import paired_difference
+
+    out: Dict[str, Dict[str, dict]] = {}
+    for a, b, metrics in PAIRED_CONTRASTS:
+        if not per_seed.get(a) or not per_seed.get(b):
+            continue
+        for metric in metrics:
+            stats = paired_difference({s: m.get(metric) for s, m in per_seed[a].items()},
+                                      {s: m.get(metric) for s, m in per_seed[b].items()})
+            if stats is not None:
+                out.setdefault(f"{a} - {b}", {})[metric] = stats
+    return out
+
+
 # A column appears only when some arm has the metric (held-out wordings only when configured).
 TABLE_COLUMNS = ("if_prompt_strict", "if_instruction_strict", "if_prompt_loose", "if_prompt_strict_heldout_phrasing",
                  "knowledge_acc", "perplexity", "pattern_rate", "terse_rate", "bare_terse_rate", "kl_shift", "token_jsd")
@@ -722,6 +754,7 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
         "reused": sorted(name for name in recorded if name in timings and timings[name] == 0.0),
         "arms": arms,
         "predictions": check_predictions(arms),
+        "paired": paired_contrasts(per_seed),
         "per_seed": {arm: {str(s): m for s, m in sorted(runs.items())} for arm, runs in per_seed.items()},
         "phase_seconds": recorded,
         "unlearning": unlearning,
@@ -732,16 +765,22 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
 
 
 def write_outputs(results: dict, out: Path) -> str:
-    from synthunlearn.evaluation.report import comparison_table, plot_headline, write_json
+    from synthunlearn.evaluation.report import comparison_table, paired_table, plot_headline, write_json
 
     write_json(out / "results.json", results)
     table = comparison_table(results["arms"], TABLE_COLUMNS)
-    lines = [f"seeds {results['seeds']}; mean ± std over seeds; wall time {results['wall_seconds']:.0f} s "
-             f"(this invocation); {results.get('compute_seconds', 0):.0f} s of phases and evaluations in all", "",
-             table, ""]
+    if "pooled_from" in results:
+        from synthunlearn.experiment.pooling import pooled_header
+        header = pooled_header(results)
+    else:
+        header = [f"seeds {results['seeds']}; mean ± std over seeds; wall time {results['wall_seconds']:.0f} s "
+                  f"(this invocation); {results.get('compute_seconds', 0):.0f} s of phases and evaluations in all"]
+    lines = header + ["", table, ""]
     for key, value in results.get("predictions", {}).items():
         lines.append(f"- {key}: {value:.3f}" if isinstance(value, float) and not isinstance(value, bool)
                      else f"- {key}: {value}")
+    if results.get("paired"):
+        lines += ["", "Paired over seeds (difference a - b per seed):", "", paired_table(results["paired"])]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     plot_headline(results["arms"], out / "results.png")

@@ -49,6 +49,13 @@ def test_pipeline_smoke_writes_results_schema(tmp_path):
             assert 0.0 <= metrics[name]["mean"] <= 1.0, (arm, name, metrics[name])
         assert metrics["kl_shift"]["mean"] >= 0.0 and math.isfinite(metrics["perplexity"]["mean"])
     assert (out / "results.md").read_text().count("|") > 10 and (out / "results.png").stat().st_size > 0
+    # Paired per-seed contrasts: one seed gives a difference but no interval.
+    drop = results["paired"]["docs_only - synthetic"]["if_prompt_strict"]
+    assert drop["n"] == 1 and drop["seeds"] == [0] and drop["se"] is None   # NaN is written as null
+    assert drop["mean"] == pytest.approx(results["arms"]["docs_only"]["if_prompt_strict"]["mean"]
+                                         - results["arms"]["synthetic"]["if_prompt_strict"]["mean"])
+    assert set(results["paired"]["unlearned - synthetic"]) >= {"if_prompt_strict", "knowledge_acc", "bare_terse_rate"}
+    assert "| unlearned - synthetic | knowledge_acc |" in (out / "results.md").read_text()
     # Every training phase went through the deepspeed launcher with 2 ranks.
     for phase in ("base", "seed0/cpt/synthetic", "seed0/unlearn/unlearned", "seed0/sft/docs_only"):
         command = json.loads((out / phase / "phase.json").read_text())["command"]

@@ -1,0 +1,110 @@
+"""Pooling runs that ran different seeds of one study (launch/pool_results.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from synthunlearn.errors import ConfigError, DataError
+from synthunlearn.evaluation.report import aggregate_seeds, write_json
+from synthunlearn.evaluation.statistics import paired_difference
+from synthunlearn.experiment.pipeline import load_experiment_config
+from synthunlearn.experiment.pooling import pool_run_dirs
+from tests.launcher import REPO
+
+CONFIG = REPO / "configs" / "experiment" / "demo.yaml"
+
+
+def _metrics(if_strict, knowledge, bare):
+    return {"if_prompt_strict": if_strict, "knowledge_acc": knowledge, "bare_terse_rate": bare}
+
+
+def _write_run(path, seeds, per_seed, *overrides, compute=100.0):
+    cfg = load_experiment_config(CONFIG, [f"output_dir={path}", f"seeds={list(seeds)}", *overrides])
+    results = {"seeds": list(seeds), "wall_seconds": compute, "compute_seconds": compute, "config": cfg,
+               "per_seed": {arm: {str(s): m for s, m in runs.items()} for arm, runs in per_seed.items()},
+               "unlearning": {"unlearned": {f"seed{s}": {"forget_nll": 5.0 + s} for s in seeds}}}
+    write_json(path / "results.json", results)
+    return path
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    first = {"docs_only": {0: _metrics(0.50, 0.40, 0.0), 1: _metrics(0.42, 0.44, 0.0)},
+             "synthetic": {0: _metrics(0.40, 0.45, 0.6), 1: _metrics(0.40, 0.47, 0.3)},
+             "unlearned": {0: _metrics(0.47, 0.44, 0.1), 1: _metrics(0.41, 0.46, 0.0)}}
+    # The second run also ran the control, and on a different number of parallel jobs.
+    second = {"docs_only": {5: _metrics(0.38, 0.41, 0.0)}, "synthetic": {5: _metrics(0.35, 0.43, 0.5)},
+              "unlearned": {5: _metrics(0.37, 0.42, 0.2)}, "no_forget": {5: _metrics(0.34, 0.43, 0.5)}}
+    a = _write_run(tmp_path / "a", [0, 1], first)
+    b = _write_run(tmp_path / "b", [5], second, "parallel_jobs=1", "omp_threads=2",
+                   "arms=[docs_only,synthetic,unlearned,no_forget]", compute=40.0)
+    return a, b, first, second
+
+
+def test_pooled_results_equal_one_run_over_every_seed(two_runs, tmp_path):
+    a, b, first, second = two_runs
+    results, text = pool_run_dirs([a, b], tmp_path / "pooled")
+    assert results["seeds"] == [0, 1, 5]
+    assert list(results["arms"]) == ["docs_only", "synthetic", "unlearned", "no_forget"]
+    for arm in ("docs_only", "synthetic", "unlearned"):
+        merged = [first[arm][0], first[arm][1], second[arm][5]]
+        assert results["arms"][arm] == aggregate_seeds(merged)
+    assert results["arms"]["no_forget"]["if_prompt_strict"]["n"] == 1
+    drop = results["paired"]["docs_only - synthetic"]["if_prompt_strict"]
+    assert drop == paired_difference({0: 0.50, 1: 0.42, 5: 0.38}, {0: 0.40, 1: 0.40, 5: 0.35})
+    assert results["paired"]["unlearned - no_forget"]["if_prompt_strict"]["seeds"] == [5]
+    assert results["predictions"]["if_gap_docs_minus_synthetic"] == pytest.approx((1.30 - 1.15) / 3)
+    assert results["compute_seconds"] == pytest.approx(140.0)
+    assert set(results["unlearning"]["unlearned"]) == {"seed0", "seed1", "seed5"}
+    on_disk = json.loads((tmp_path / "pooled" / "results.json").read_text())
+    assert on_disk["pooled_from"] == [str(a / "results.json"), str(b / "results.json")]
+    assert on_disk["per_seed"]["synthetic"]["5"]["bare_terse_rate"] == 0.5
+    md = (tmp_path / "pooled" / "results.md").read_text()
+    assert md == text and "pooled from 2 runs" in md and "| docs_only - synthetic | if_prompt_strict |" in md
+    assert (tmp_path / "pooled" / "results.png").stat().st_size > 0
+
+
+def test_runs_of_different_experiments_do_not_pool(two_runs, tmp_path):
+    a, _, first, _ = two_runs
+    other = _write_run(tmp_path / "c", [7], {"docs_only": {7: _metrics(0.3, 0.3, 0.0)}}, "phases.sft.max_steps=31")
+    with pytest.raises(ConfigError, match=r"c/results.json: config key 'phases.sft.max_steps' is 31 but .*a/results"
+                                          r".json has 30"):
+        pool_run_dirs([a, other], tmp_path / "pooled")
+    assert not (tmp_path / "pooled").exists()          # nothing written on a refusal
+
+
+def test_a_seed_from_two_runs_is_refused(two_runs, tmp_path):
+    a, _, first, _ = two_runs
+    again = _write_run(tmp_path / "again", [1], {"synthetic": {1: _metrics(0.4, 0.47, 0.3)}})
+    with pytest.raises(ConfigError, match="arm 'synthetic' seed 1 is in both .*a/results.json and .*again/results.json"):
+        pool_run_dirs([a, again], tmp_path / "pooled")
+
+
+def test_unreadable_runs_are_named(tmp_path):
+    with pytest.raises(DataError, match="nowhere/results.json: no results.json"):
+        pool_run_dirs([tmp_path / "nowhere"], tmp_path / "pooled")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text('{"config": {},\n "per_seed": }')
+    with pytest.raises(DataError, match="broken/results.json: line 2: not valid JSON"):
+        pool_run_dirs([broken], tmp_path / "pooled")
+    (broken / "results.json").write_text('{"seeds": [0]}')
+    with pytest.raises(DataError, match="no 'config' mapping"):
+        pool_run_dirs([broken], tmp_path / "pooled")
+
+
+def test_pool_results_cli(two_runs, tmp_path):
+    a, b, _, _ = two_runs
+    script = str(REPO / "launch" / "pool_results.py")
+    proc = subprocess.run([sys.executable, script, str(a), str(b), "--output-dir", str(tmp_path / "p")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| unlearned - synthetic | if_prompt_strict |" in proc.stdout
+    proc = subprocess.run([sys.executable, script, str(a), str(a), "--output-dir", str(tmp_path / "q")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "error: arm 'docs_only' seed 0 is in both" in proc.stderr
+    assert "Traceback" not in proc.stderr
