@@ -764,6 +764,18 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
     return results
 
 
+def _partial_arm_notes(results: dict) -> List[str]:
+    """Arms measured on fewer seeds than the table's header names (ablation_seeds, or pooled runs
+    that ran different arms): their means and stds are over those seeds only, so say which."""
+    every = sorted(int(s) for s in results["seeds"])
+    notes = []
+    for arm, runs in results.get("per_seed", {}).items():
+        seeds = sorted(int(s) for s in runs)
+        if seeds != every:
+            notes.append(f"- {arm}: seeds {seeds} only")
+    return notes
+
+
 def write_outputs(results: dict, out: Path) -> str:
     from synthunlearn.evaluation.report import comparison_table, paired_table, plot_headline, write_json
 
@@ -775,7 +787,7 @@ def write_outputs(results: dict, out: Path) -> str:
     else:
         header = [f"seeds {results['seeds']}; mean ± std over seeds; wall time {results['wall_seconds']:.0f} s "
                   f"(this invocation); {results.get('compute_seconds', 0):.0f} s of phases and evaluations in all"]
-    lines = header + ["", table, ""]
+    lines = header + _partial_arm_notes(results) + ["", table, ""]
     for key, value in results.get("predictions", {}).items():
         lines.append(f"- {key}: {value:.3f}" if isinstance(value, float) and not isinstance(value, bool)
                      else f"- {key}: {value}")

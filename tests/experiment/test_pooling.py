@@ -54,6 +54,7 @@ def test_pooled_results_equal_one_run_over_every_seed(two_runs, tmp_path):
         merged = [first[arm][0], first[arm][1], second[arm][5]]
         assert results["arms"][arm] == aggregate_seeds(merged)
     assert results["arms"]["no_forget"]["if_prompt_strict"]["n"] == 1
+    assert "- no_forget: seeds [5] only" in text and "- docs_only: seeds" not in text
     drop = results["paired"]["docs_only - synthetic"]["if_prompt_strict"]
     assert drop == paired_difference({0: 0.50, 1: 0.42, 5: 0.38}, {0: 0.40, 1: 0.40, 5: 0.35})
     assert results["paired"]["unlearned - no_forget"]["if_prompt_strict"]["seeds"] == [5]
