@@ -32,27 +32,28 @@ class Float64Reference(NamedTuple):
     grad_weight: torch.Tensor             # (V, D)
 
 
-def _f64(t):
-    return None if t is None else t.detach().to(device="cpu", dtype=torch.float64)
+def _f64(t, device):
+    return None if t is None else t.detach().to(device=device, dtype=torch.float64)
 
 
 def reference_logprob_kl(hidden, weight, labels, ref_hidden=None, ref_weight=None,
                          kl_direction="forward", ignore_index=-100,
-                         upstream_logp=None, upstream_kl=None) -> Float64Reference:
+                         upstream_logp=None, upstream_kl=None, device="cpu") -> Float64Reference:
     """Float64 values and gradients. ``upstream_*`` default to zeros; ``upstream_kl`` is ignored
-    when there is no reference. Inputs may be any dtype/device; they are upcast on CPU (bf16 inputs
-    are taken exactly as stored, so the result is the exact answer for those rounded values)."""
-    h = _f64(hidden).requires_grad_(True)
-    w = _f64(weight).requires_grad_(True)
-    y = labels.detach().cpu()
-    logp, kl, ref_logp = linear_logprob_kl_torch(h, w, y, _f64(ref_hidden), _f64(ref_weight),
+    when there is no reference. Inputs may be any dtype/device; they are upcast on ``device`` (the
+    CPU by default; a GPU's float64 units for full-size GPU checks). bf16 inputs are taken exactly
+    as stored, so the result is the exact answer for those rounded values."""
+    h = _f64(hidden, device).requires_grad_(True)
+    w = _f64(weight, device).requires_grad_(True)
+    y = labels.detach().to(device)
+    logp, kl, ref_logp = linear_logprob_kl_torch(h, w, y, _f64(ref_hidden, device), _f64(ref_weight, device),
                                                  kl_direction=kl_direction, ignore_index=ignore_index,
                                                  compute_dtype=torch.float64)
     loss = h.new_zeros(())
     if upstream_logp is not None:
-        loss = loss + (logp * _f64(upstream_logp)).sum()
+        loss = loss + (logp * _f64(upstream_logp, device)).sum()
     if upstream_kl is not None and kl is not None:
-        loss = loss + (kl * _f64(upstream_kl)).sum()
+        loss = loss + (kl * _f64(upstream_kl, device)).sum()
     if loss.requires_grad:
         grad_h, grad_w = torch.autograd.grad(loss, (h, w), allow_unused=True)
     else:  # no upstream at all: the derivative of a constant

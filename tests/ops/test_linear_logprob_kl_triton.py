@@ -21,88 +21,34 @@ import torch  # noqa: E402
 from synthunlearn.ops import linear_logprob_kl  # noqa: E402
 from synthunlearn.ops import triton_backend  # noqa: E402
 from synthunlearn.ops.triton_backend import TileConfig, linear_logprob_kl_triton  # noqa: E402
+from tests.ops import triton_checks  # noqa: E402
 from tests.ops.float64_reference import reference_logprob_kl  # noqa: E402
+from tests.ops.triton_checks import IGNORE, TOL, assert_close, random_inputs  # noqa: E402
 
+if not triton_backend._interpreted() and torch.cuda.is_available():
+    # On a GPU machine the compiled-kernel tests (test_linear_logprob_kl_cuda.py) may have imported
+    # the backend first in this process; these interpreter tests then need a process of their own.
+    pytest.skip("the Triton backend was compiled for the GPU in this process; run "
+                "`python -m pytest tests/ops/test_linear_logprob_kl_triton.py` on its own", allow_module_level=True)
 if not triton_backend._interpreted():
     raise RuntimeError("synthunlearn.ops.triton_backend was imported before TRITON_INTERPRET=1 was set; "
                        "run this module in its own pytest process or export TRITON_INTERPRET=1")
 
 N, D, D_REF, V = 37, 48, 40, 1031
-IGNORE = -100
 CFG = TileConfig(block_n=32, block_v=256, block_d=32, vocab_splits=2)
-# max |actual - expected| / max |expected|, per tensor. bf16: inputs are exact, but dZ is rounded
-# to bf16 before the dH/dW matmuls and the gradients are returned in bf16.
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
-def make_inputs(dtype, *, seed=0, n=N, d=D, d_ref=D_REF, v=V, with_ref=True, logit_scale=1.0,
-                ignored_fraction=0.25, ref_dtype=None):
-    """Random inputs with logits of std ~ logit_scale; ``ignored_fraction`` of labels ignored."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(n, d, generator=g) * logit_scale ** 0.5).to(dtype).requires_grad_(True)
-    weight = (torch.randn(v, d, generator=g) * logit_scale ** 0.5 / d ** 0.5).to(dtype).requires_grad_(True)
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[torch.rand(n, generator=g) < ignored_fraction] = IGNORE
-    ref_hidden = ref_weight = None
-    if with_ref:
-        rdt = ref_dtype or dtype
-        ref_hidden = (torch.randn(n, d_ref, generator=g) * logit_scale ** 0.5).to(rdt)
-        ref_weight = (torch.randn(v, d_ref, generator=g) * logit_scale ** 0.5 / d_ref ** 0.5).to(rdt)
-    upstream_logp = torch.randn(n, generator=g)
-    upstream_kl = torch.randn(n, generator=g)
-    return hidden, weight, labels, ref_hidden, ref_weight, upstream_logp, upstream_kl
+def make_inputs(dtype, **kw):
+    """Random inputs of this module's shapes (see :func:`tests.ops.triton_checks.random_inputs`)."""
+    return random_inputs(dtype, **{"n": N, "d": D, "d_ref": D_REF, "v": V, **kw})
 
 
-def run_triton(hidden, weight, labels, ref_hidden, ref_weight, upstream_logp, upstream_kl, *,
-               kl_direction="forward", config=CFG, deterministic=None):
-    """Forward + backward of sum(g_l * logp + g_k * kl); grads of whichever inputs require them."""
-    logp, kl, ref_logp = linear_logprob_kl_triton(hidden, weight, labels, ref_hidden, ref_weight,
-                                                  kl_direction=kl_direction, ignore_index=IGNORE,
-                                                  config=config, deterministic=deterministic)
-    loss = logp.new_zeros(())
-    if upstream_logp is not None:
-        loss = loss + (logp * upstream_logp).sum()
-    if upstream_kl is not None and kl is not None:
-        loss = loss + (kl * upstream_kl).sum()
-    inputs = [t for t in (hidden, weight) if t.requires_grad]
-    grads = torch.autograd.grad(loss, inputs) if loss.requires_grad else [torch.zeros_like(t) for t in inputs]
-    grads = iter(grads)
-    grad_h = next(grads) if hidden.requires_grad else None
-    grad_w = next(grads) if weight.requires_grad else None
-    return logp, kl, ref_logp, grad_h, grad_w
+def run_triton(*inputs, config=CFG, **kw):
+    return triton_checks.run_triton(*inputs, config=config, **kw)
 
 
-def assert_close(actual, expected, tol, what):
-    assert actual is not None, what
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual.double() - expected).abs().max().item() if actual.numel() else 0.0
-    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-6)
-    assert err <= tol * scale, f"{what}: max abs error {err:.3e} > {tol:g} * {scale:.3e}"
-
-
-def check_against_float64(inputs, kl_direction="forward", tol=None, **kw):
-    hidden, weight, labels, ref_hidden, ref_weight, g_l, g_k = inputs
-    tol = tol or TOL[hidden.dtype]
-    logp, kl, ref_logp, grad_h, grad_w = run_triton(*inputs, kl_direction=kl_direction, **kw)
-    ref = reference_logprob_kl(hidden, weight, labels, ref_hidden, ref_weight, kl_direction, IGNORE, g_l, g_k)
-    assert logp.dtype == torch.float32
-    assert_close(logp, ref.logp, tol, "logp")
-    if ref_hidden is None:
-        assert kl is None and ref_logp is None
-    else:
-        assert kl.dtype == ref_logp.dtype == torch.float32 and not ref_logp.requires_grad
-        assert_close(kl, ref.kl, tol, "kl")
-        assert_close(ref_logp, ref.ref_logp, tol, "ref_logp")
-    if grad_h is not None:
-        assert grad_h.dtype == hidden.dtype
-        assert_close(grad_h, ref.grad_hidden, tol, "grad_hidden")
-    if grad_w is not None:
-        assert grad_w.dtype == weight.dtype
-        assert_close(grad_w, ref.grad_weight, tol, "grad_weight")
-    ignored = labels == IGNORE
-    assert (logp[ignored] == 0).all() and (kl is None or (kl[ignored] == 0).all())
-    return logp, kl, ref_logp, grad_h, grad_w
+def check_against_float64(inputs, kl_direction="forward", tol=None, config=CFG, **kw):
+    return triton_checks.check_against_float64(inputs, kl_direction, tol, config=config, **kw)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
