@@ -389,11 +389,22 @@ class Phase:
                 "--seed", str(self.seed), *_overrides(self.overrides)]
 
 
+def _interpreter() -> str:
+    """This interpreter as an absolute path. ``sys.executable`` is relative when the interpreter
+    was found through a relative PATH entry (``PATH=.venv/bin:$PATH python ...``); phases run with
+    ``cwd=REPO`` and their reuse stamp records the command, so a relative path would fail from
+    another directory and make the same interpreter look new, rerunning (and overwriting) every
+    finished phase. Made absolute, not resolved: a virtualenv's python is a symlink whose target
+    runs outside the environment."""
+    return os.path.abspath(sys.executable)
+
+
 def launcher_command(cfg: dict, phase: Phase) -> List[str]:
     script = str(REPO / "launch" / f"{phase.job}.py")
     if cfg["launcher"] == "python":
-        return [sys.executable, script, *phase.args()]
-    deepspeed = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+        return [_interpreter(), script, *phase.args()]
+    found = shutil.which("deepspeed", path=str(Path(_interpreter()).parent))
+    deepspeed = os.path.abspath(found) if found else "deepspeed"
     return [deepspeed, "--num_gpus", str(cfg["nprocs"]), "--master_port", "{port}", script,
             "--deepspeed-config", str(REPO / cfg["deepspeed_config"]), *phase.args()]
 

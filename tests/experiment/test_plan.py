@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 
 from synthunlearn.errors import ConfigError
-from synthunlearn.experiment.pipeline import (evaluation_device, load_experiment_config, plan_phases, prepare_data,
-                                              prepare_model, prepare_world)
+from synthunlearn.experiment.pipeline import (evaluation_device, launcher_command, load_experiment_config, plan_phases,
+                                              prepare_data, prepare_model, prepare_world)
 
 SMALL_WORLD = ("world={n_people: 30, pretrain_instruction_people: 8, sft_people: 10, docs_per_person: 2, n_orgs: 5, "
                "n_cities: 6, n_pretrain_instructions: 20, n_sft: 20, n_if_eval: 6, n_mc: 8, n_heldout_docs: 4, "
@@ -200,3 +202,23 @@ def test_shipped_experiment_configs_are_valid_run_configs(name):
             if src.path or set_name == "kl" and run.objective.kl_weight:
                 batch = src.global_batch_size
                 assert batch % cfg["nprocs"] == 0, (phase_name, set_name, batch, cfg["nprocs"])
+
+
+@pytest.mark.parametrize("launcher", ["python", "deepspeed"])
+def test_launcher_command_does_not_depend_on_how_the_interpreter_was_found(prepared, tmp_path, monkeypatch,
+                                                                           launcher):
+    """`PATH=.venv/bin:$PATH python launch/experiment.py` gives a relative sys.executable; the
+    command (which the reuse stamp compares) must equal the one from the absolute path, or every
+    finished phase reruns with --overwrite."""
+    cfg, data, model_dir = _data(prepared, tmp_path, f"launcher={launcher}")
+    phase = plan_phases(cfg, tmp_path, model_dir, data)[0]
+    absolute = os.path.abspath(sys.executable)
+    monkeypatch.setattr(sys, "executable", absolute)
+    expected = launcher_command(cfg, phase)
+    monkeypatch.chdir(os.path.dirname(absolute))
+    monkeypatch.setattr(sys, "executable", os.path.join(".", os.path.basename(absolute)))
+    command = launcher_command(cfg, phase)
+    assert command == expected
+    assert os.path.isabs(command[0]) or command[0] == "deepspeed"
+    if launcher == "python":
+        assert command[0] == absolute  # not resolved: a venv's python is a symlink
