@@ -33,6 +33,13 @@ Resumption: a phase directory holding ``final/`` and a ``phase.json`` whose comm
 the pipeline would run now is reused; anything else is rerun from scratch (``--overwrite``).
 Evaluations are cached the same way (``eval.json`` with the evaluation signature).
 
+Branching a sweep (``reuse_from: <another output_dir>``): a phase that is not done here is taken
+from the same place in that directory when its recorded command, read with that directory's path
+in place of this one, and its inputs digest equal this run's. Its ``final/`` files are hard-linked
+(copied across file systems) and its records copied, so a sweep of, say, the SFT budget retrains
+nothing upstream of SFT. Nothing there is ever written: every later write here replaces files
+(``--overwrite`` unlinks, exports and JSON writes rename), never rewrites a linked one in place.
+
 Output: ``<output_dir>/results.json`` (``{"seeds", "wall_seconds", "compute_seconds", "arms": {arm:
 {metric: {"mean", "std", "n"}}}, "per_seed": ..., "paired": {"a - b": {metric: {"mean", "se",
 "ci_low", "ci_high", "n", "a_higher", "b_higher", "ties", "seeds"}}}, ...}``), ``results.md`` and ``results.png``.
@@ -83,6 +90,7 @@ SYNTHETIC_BUDGETS = ("same_steps", "same_passes")
 
 DEFAULTS = {
     "output_dir": "runs/demo",
+    "reuse_from": None,               # a finished experiment's output_dir to take matching phases from
     "seeds": [0, 1, 2],
     "base_per_seed": False,
     "launcher": "deepspeed",          # or "python" (single process; probes only)
@@ -176,6 +184,12 @@ def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
             raise ConfigError(f"phases.{name}: expected a mapping of {', '.join(DEFAULTS['phases'][name])}"
                               + (f"; unknown keys {unknown}" if unknown else ""))
     _check_arch(cfg["model"].get("arch") or {})
+    if cfg["reuse_from"] is not None:
+        source = output_path(cfg["reuse_from"])
+        if not source.is_dir():
+            raise ConfigError(f"reuse_from: {cfg['reuse_from']!r} is not a directory ({source})")
+        if source.resolve() == output_path(cfg["output_dir"]).resolve():
+            raise ConfigError(f"reuse_from: {cfg['reuse_from']!r} is output_dir itself; its phases are reused anyway")
     if cfg["data"]["synthetic_format"] not in SYNTHETIC_FORMATS:
         raise ConfigError(f"data.synthetic_format: {cfg['data']['synthetic_format']!r}; "
                           f"valid: {', '.join(SYNTHETIC_FORMATS)}")
@@ -192,6 +206,12 @@ def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
     evaluation_device(cfg)
     world_config(cfg)
     return cfg
+
+
+def output_path(value) -> Path:
+    """An output directory as the pipeline uses it: relative paths are relative to the checkout."""
+    path = Path(value)
+    return path if path.is_absolute() else REPO / path
 
 
 def evaluation_device(cfg: dict) -> str:
@@ -442,12 +462,65 @@ def phase_done(phase: Phase, command: List[str]) -> bool:
     return recorded.get("command") == command and recorded.get("inputs") == inputs_digest(phase)
 
 
+def _relocate(text: str, source: Path, out: Path) -> str:
+    """``text`` (a command element or a signature) with the source directory's path read as ours."""
+    src, dst = str(source), str(out)
+    return dst if text == src else text.replace(src + os.sep, dst + os.sep)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:   # another file system, or links not allowed there
+        shutil.copy2(src, dst)
+
+
+def adopt_phase(phase: Phase, command: List[str], out: Path, source: Path) -> bool:
+    """Takes ``phase`` from the experiment in ``source`` when that one ran exactly this command on
+    these inputs (module docstring, "Branching a sweep"); returns whether it did.
+
+    Only ``final/`` is linked: it is replaced as a whole whenever a phase reruns (the launchers
+    export to ``final.tmp`` and rename; ``--overwrite`` deletes it), so the source's files are
+    never written through a link. The records beside it are copied."""
+    src_dir = source / phase.out_dir.relative_to(out)
+    stamp = src_dir / "phase.json"
+    if not (src_dir / "final" / "config.json").exists() or not stamp.exists():
+        return False
+    try:
+        recorded = json.loads(stamp.read_text())
+    except ValueError:
+        return False
+    if [_relocate(str(c), source, out) for c in recorded.get("command") or []] != command:
+        return False
+    if recorded.get("inputs") != inputs_digest(phase):
+        return False
+    if phase.out_dir.exists():
+        shutil.rmtree(phase.out_dir)
+    phase.out_dir.mkdir(parents=True)
+    shutil.copytree(src_dir / "final", phase.out_dir / "final", copy_function=_link_or_copy)
+    for name in ("run_config.json", "metrics.jsonl"):
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, phase.out_dir / name)
+    src_log = src_dir.parent / f"{src_dir.name}.log"
+    if src_log.is_file():
+        shutil.copy2(src_log, phase.out_dir.parent / src_log.name)
+    (phase.out_dir / "phase.json").write_text(json.dumps(
+        {"command": command, "inputs": recorded["inputs"], "seconds": recorded.get("seconds", 0.0),
+         "reused_from": str(src_dir)}, indent=1))
+    return True
+
+
 def run_phase(cfg: dict, phase: Phase, log) -> float:
-    """Runs one phase (or reuses it); returns its wall seconds (0 when reused)."""
+    """Runs one phase (or reuses it, here or from ``reuse_from``); returns its wall seconds (0 when reused)."""
     command = launcher_command(cfg, phase)
     if phase_done(phase, command):
         log(f"{phase.name}: reused ({phase.out_dir}/final)")
         return 0.0
+    if cfg.get("reuse_from") is not None:
+        out, source = output_path(cfg["output_dir"]), output_path(cfg["reuse_from"])
+        if adopt_phase(phase, command, out, source):
+            log(f"{phase.name}: reused from {source / phase.out_dir.relative_to(out)}")
+            return 0.0
     phase.out_dir.mkdir(parents=True, exist_ok=True)
     concrete = [c.replace("{port}", str(_free_port())) for c in command] + ["--overwrite"]
     log(f"{phase.name}: {phase.job} {phase.max_steps} steps")
@@ -544,6 +617,18 @@ def evaluate_phase(cfg: dict, phase: Phase, eval_dir: Path, baseline_dir: Path, 
         cached = json.loads(path.read_text())
         if cached.get("signature") == signature:
             return cached["metrics"]
+    if cfg.get("reuse_from") is not None:
+        # The same model (its phase was taken from there: same command, same inputs) evaluated
+        # on the same sets against the same baseline there: take that evaluation too.
+        out, source = output_path(cfg["output_dir"]), output_path(cfg["reuse_from"])
+        src_eval = source / phase.out_dir.relative_to(out) / "eval.json"
+        if src_eval.is_file():
+            cached = json.loads(src_eval.read_text())
+            if _relocate(str(cached.get("signature")), source, out) == signature:
+                cached["signature"] = signature
+                write_json(path, cached)
+                log(f"{phase.name}: evaluation reused from {src_eval}")
+                return cached["metrics"]
     ecfg = cfg["evaluation"]
     with _EVAL_LOCK:  # one evaluation at a time; it shares the cores with a running launcher
         torch.set_num_threads(int(ecfg.get("threads", 1)))
@@ -701,9 +786,7 @@ TABLE_COLUMNS = ("if_prompt_strict", "if_instruction_strict", "if_prompt_loose",
 
 def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
     started = time.perf_counter()
-    out = Path(cfg["output_dir"])
-    if not out.is_absolute():
-        out = REPO / out
+    out = output_path(cfg["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment_config.json").write_text(json.dumps(cfg, indent=1, default=list))
     world_dir = prepare_world(cfg, out, log)

@@ -74,6 +74,38 @@ def test_pipeline_smoke_writes_results_schema(tmp_path):
     assert "base" in rerun["reused"] and "base" not in results["reused"]
     assert rerun["phase_seconds"]["eval:seed0/sft/synthetic"] > 0
 
+    # A sweep branched from it (reuse_from): only what the changed key touches runs again.
+    source_files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.endswith(".log")}
+    same = tmp_path / "same"
+    proc = _run([f"output_dir={same}", f"reuse_from={out}", *SMOKE, "arms=[docs_only,synthetic]"], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert not [line for line in log if line.endswith(" steps")]
+    assert sum(": reused from" in line for line in log) == 5   # base, two cpt, two sft
+    assert sum("evaluation reused from" in line for line in log) == 2
+    same_results = json.loads((same / "results.json").read_text())
+    for arm in ("docs_only", "synthetic"):
+        assert same_results["per_seed"][arm] == results["per_seed"][arm]
+    model = "seed0/cpt/synthetic/final/model.safetensors"
+    assert (same / model).stat().st_ino == (out / model).stat().st_ino   # linked, not copied
+    assert json.loads((same / "seed0/cpt/synthetic/phase.json").read_text())["reused_from"] == str(
+        out / "seed0/cpt/synthetic")
+
+    branch = tmp_path / "sft3"
+    proc = _run([f"output_dir={branch}", f"reuse_from={out}", *SMOKE, "phases.sft.max_steps=3"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    trained = [line.split("] ", 1)[1] for line in log if line.endswith(" steps")]
+    assert sorted(trained) == [f"seed0/sft/{arm}: sft 3 steps" for arm in ("docs_only", "synthetic", "unlearned")]
+    assert sum(": reused from" in line for line in log) == 4                  # base, two cpt, unlearn
+    assert not [line for line in log if "evaluation reused" in line]
+    stamp = json.loads((branch / "seed0/sft/unlearned/phase.json").read_text())
+    assert "reused_from" not in stamp and stamp["command"][stamp["command"].index("--max-steps") + 1] == "3"
+    assert (branch / "results.json").is_file()
+    # Nothing of the source was written through a link.
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.endswith(".log")}
+    assert after.keys() == source_files.keys() and all(after[p] == source_files[p] for p in after)
+
 
 def test_synthesize_with_tiny_model(tmp_path):
     from synthunlearn.experiment.synthesize import parse_pairs

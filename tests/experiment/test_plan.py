@@ -55,11 +55,17 @@ def _data(prepared, tmp_path, *overrides):
     ("world.test_constraints=min_words", "world.test_constraints: invalid value 'min_words'; expected a list of str"),
     ("evaluation.device=gpu", "evaluation.device: 'gpu'; valid: auto, cpu, cuda, cuda:N"),
     ("evaluation.device=cuda:99", "evaluation.device: 'cuda:99' but torch sees"),
+    ("reuse_from=runs/no-such-experiment", "reuse_from: 'runs/no-such-experiment' is not a directory"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_experiment_config(None, [override])
     assert message in str(error.value)
+
+
+def test_reuse_from_must_be_another_directory(tmp_path):
+    with pytest.raises(ConfigError, match="reuse_from: .* is output_dir itself"):
+        load_experiment_config(None, [f"output_dir={tmp_path}", f"reuse_from={tmp_path}/."])
 
 
 def test_mapping_overrides_merge_into_the_defaults():
