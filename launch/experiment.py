@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override experiment keys (seeds=[0], phases.sft.max_steps=20, launcher=python)")
     args = parser.parse_args(argv)
-    from synthunlearn.experiment.pipeline import load_experiment_config, run_experiment
+    from synthunlearn.experiment.pipeline import load_experiment_config, output_path, run_experiment
 
     start = time.perf_counter()
 
@@ -41,9 +41,8 @@ def main(argv=None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    out = Path(cfg["output_dir"])
     print()
-    print((out if out.is_absolute() else Path(__file__).resolve().parent.parent / out).joinpath("results.md").read_text())
+    print((output_path(cfg["output_dir"]) / "results.md").read_text())
     return 0
 
 
