@@ -62,11 +62,17 @@ def parse_args(job: str, argv=None) -> argparse.Namespace:
 
 def main(job: str, argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    clean = False
     try:
         args = parse_args(job, argv)
         from synthunlearn.training.trainer import train
         train(job, args)
+        clean = True
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        if "torch.distributed" in sys.modules:  # no process group without it; keeps --help fast
+            from synthunlearn.distributed import shutdown_distributed
+            shutdown_distributed(clean)
     return 0

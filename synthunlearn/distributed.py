@@ -110,3 +110,19 @@ def all_reduce_max(value: float, device: torch.device) -> float:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def shutdown_distributed(clean: bool) -> None:
+    """Destroys the process group while the interpreter is still whole.
+
+    Left to interpreter finalisation, gloo's worker threads can still hold work objects whose
+    release needs the GIL, and a rank dies with SIGABRT ("terminate called without an active
+    exception") after its job has finished: seen once in CI as a job that wrote its model and
+    exited 250. ``clean`` (every rank got here normally) first waits for all ranks, so no rank
+    tears its connections down while a peer still talks to it; after an error the peers may never
+    arrive, so the group is only destroyed locally (a local operation for gloo)."""
+    if not torch.distributed.is_initialized():
+        return
+    if clean:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
