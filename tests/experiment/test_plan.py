@@ -192,7 +192,7 @@ def test_world_written_by_older_code_is_rewritten(prepared):
         assert stamp.read_text() == current
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "demo_5m.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_5m.yaml", "demo_14m.yaml", "gpu.yaml"])
 def test_shipped_experiment_configs_are_valid_run_configs(name):
     """Every phase's run config with the experiment's overrides passes the launchers' own
     validation, and the number of ranks divides every global batch (a typo or a bad size would
