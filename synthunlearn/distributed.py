@@ -124,5 +124,5 @@ def shutdown_distributed(clean: bool) -> None:
     if not torch.distributed.is_initialized():
         return
     if clean:
-        torch.distributed.barrier()
+        barrier()
     torch.distributed.destroy_process_group()
