@@ -183,6 +183,9 @@ def build_tiny_model(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # A local file, not a distributed checkpoint: transformers writes weights only on global rank 0
+    # of an initialised process group, and the rank that wins the cache lock may be any rank.
+    model.should_save_on_this_rank = lambda is_main_process: True
     with _quiet_transformers():  # no per-rank "Writing model shards" bars on first use
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

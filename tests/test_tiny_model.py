@@ -53,6 +53,18 @@ def test_same_seed_same_files(built, tmp_path):
     assert not torch.equal(a["lm_head.weight"], b["lm_head.weight"])
 
 
+def test_built_on_a_rank_other_than_zero(built, tmp_path, monkeypatch):
+    """Inside a launched job the rank that takes the cache lock may be rank 1; transformers skips
+    the weights there unless told the file is local (a cache of tokenizer and no weights once)."""
+    import transformers.distributed.mixin as mixin
+
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    on_rank1 = tiny_model.build_tiny_model(tmp_path / "rank1")
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        assert (built / name).read_bytes() == (on_rank1 / name).read_bytes(), name
+
+
 def test_custom_corpus_and_arch(tmp_path):
     corpus = ["alpha beta gamma delta"] * 20 + ["the quick brown fox jumps"] * 20
     out = tiny_model.build_tiny_model(tmp_path / "c", corpus=corpus, vocab_size=300,
