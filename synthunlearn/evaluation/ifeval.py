@@ -13,6 +13,9 @@ of (record, response) pairs:
   ``placement`` = constraints after or before the question, ``phrasing`` = constraint sentences
   worded as in training or in wordings reserved for evaluation).
 
+- ``prompt_strict_hits``: 1 or 0 per prompt, in input order (strict): arms scored on the same
+  prompts pair prompt by prompt (:func:`synthunlearn.evaluation.statistics.prompt_sampling_se`).
+
 All rates are in [0, 1]; an empty input gives ``nan`` rates and zero counts.
 """
 
@@ -46,10 +49,12 @@ def if_accuracy(records: Sequence[dict], responses: Sequence[str],
     prompt_hits = {"strict": 0, "loose": 0}
     instruction_hits = {"strict": 0, "loose": 0}
     n_instructions = 0
+    hits: List[int] = []   # per prompt, strict: pairs arms prompt by prompt (statistics.prompt_sampling_se)
     type_hits: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
     group_hits: Dict[str, Dict[str, List[int]]] = {field: defaultdict(lambda: [0, 0]) for field in group_by}
     for record, response in zip(records, responses):
         verdicts = score_response(response, record["constraints"])
+        hits.append(int(all(verdicts["strict"])))
         for protocol in ("strict", "loose"):
             prompt_hits[protocol] += all(verdicts[protocol])
             instruction_hits[protocol] += sum(verdicts[protocol])
@@ -69,6 +74,7 @@ def if_accuracy(records: Sequence[dict], responses: Sequence[str],
         "instruction_loose": _rate(instruction_hits["loose"], n_instructions),
         "n_prompts": n_prompts,
         "n_instructions": n_instructions,
+        "prompt_strict_hits": hits,
         "per_type": {name: {"accuracy": _rate(hit, total), "count": total}
                      for name, (hit, total) in sorted(type_hits.items())},
         "per_group": {field: {value: {"prompt_strict": _rate(hit, total), "count": total}

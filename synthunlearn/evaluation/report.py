@@ -121,17 +121,22 @@ def comparison_table(arms: Mapping[str, Mapping[str, object]], names: Optional[I
 def paired_table(paired: Mapping[str, Mapping[str, Mapping[str, Number]]]) -> str:
     """Markdown: one row per contrast and metric of ``{"a - b": {metric: stats}}`` (stats as
     :func:`synthunlearn.evaluation.statistics.paired_difference` returns them): mean difference ±
-    standard error, the 95 % paired t-interval and the seeds on each side."""
+    standard error over seeds, the 95 % paired t-interval, the seeds on each side, and, where the
+    stats carry it, the prompt-sampling standard error (``prompt_se``: the part of the error the
+    fixed prompt set adds, which no number of seeds removes)."""
     def num(x, sign="+"):
         return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x:{sign}.3f}"
 
-    lines = ["| contrast (a - b) | metric | mean ± se | 95 % interval | seeds a > b / a < b / equal |",
-             "|---|---|---|---|---|"]
+    lines = ["| contrast (a - b) | metric | mean ± se (seeds) | 95 % interval | seeds a > b / a < b / equal "
+             "| prompt-sampling se |",
+             "|---|---|---|---|---|---|"]
     for contrast, metrics in paired.items():
         for metric, st in metrics.items():
+            prompts = (f"{num(st['prompt_se'], '')} ({st.get('n_prompts', '?')} prompts)"
+                       if "prompt_se" in st else "n/a")
             lines.append(f"| {contrast} | {metric} | {num(st['mean'])} ± {num(st['se'], '')} | "
                          f"[{num(st['ci_low'])}, {num(st['ci_high'])}] | "
-                         f"{st['a_higher']} / {st['b_higher']} / {st['ties']} |")
+                         f"{st['a_higher']} / {st['b_higher']} / {st['ties']} | {prompts} |")
     return "\n".join(lines)
 
 

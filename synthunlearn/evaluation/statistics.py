@@ -11,6 +11,20 @@ SFT happens to go well lifts every arm), which an unpaired comparison of two mea
 twice. The counts of seeds where a > b, a < b and a == b go beside it: with six or twelve seeds
 the sign count says as much as the interval.
 
+The seed interval is not the whole uncertainty when every seed is scored on the same finite
+prompt set: a prompt that happens to favour one arm does so on every seed, so that part of the
+error is shared by all seeds and no number of seeds averages it away. With hits x_si, y_si in
+{0, 1} of arms a and b on prompt i = 1..N under seed s = 1..k,
+
+    D_i = (1/k) sum_s (x_si - y_si),   mean_i D_i = d (the paired mean above),
+    prompt-sampling se = sd_i(D_i) / sqrt(N)   (sd with ddof 1),
+
+the standard error of d over draws of N prompts from the same generator with the trained models
+held fixed (:func:`prompt_sampling_se`). It also holds the seed-by-prompt noise divided by k,
+which the seed se already counts, so adding the two in quadrature overstates the total a little.
+When it is comparable to the seed se, more prompts narrow the interval more cheaply than more
+seeds (an evaluation costs seconds, a seed a full training run).
+
 No SciPy: the t quantile comes from the t distribution's tail,
 
     P(|T| > t) = I_x(nu/2, 1/2),   x = nu / (nu + t^2),
@@ -22,7 +36,7 @@ bisection; both are exact to ~1e-10, far below what a handful of seeds can resol
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 
 def _incomplete_beta_fraction(a: float, b: float, x: float) -> float:
@@ -124,3 +138,29 @@ def paired_difference(a: Mapping[object, float], b: Mapping[object, float],
     return {"mean": mean, "se": se, "ci_low": low, "ci_high": high, "n": n,
             "a_higher": sum(d > 1e-12 for d in diffs), "b_higher": sum(d < -1e-12 for d in diffs),
             "ties": sum(abs(d) <= 1e-12 for d in diffs), "seeds": list(seeds)}
+
+
+def prompt_sampling_se(a: Mapping[object, Sequence[object]],
+                       b: Mapping[object, Sequence[object]]) -> Optional[Dict[str, object]]:
+    """Prompt-sampling standard error of the paired mean difference a - b (module docstring).
+
+    ``a`` and ``b`` map a seed to that arm's per-prompt hits (bools or 0/1, the same prompts in
+    the same order for every seed and arm). Uses the seeds both have; returns
+    ``{"se", "n_prompts", "n_seeds", "mean"}`` (``mean`` is d, equal to the paired mean), or None
+    when no seed is shared or fewer than two prompts are. Hit lists of different lengths are an
+    error: they were scored on different prompt sets, and pairing them would be meaningless.
+    """
+    seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
+    if not seeds:
+        return None
+    lengths = {len(a[s]) for s in seeds} | {len(b[s]) for s in seeds}
+    if len(lengths) != 1:
+        raise ValueError(f"per-prompt hits of different lengths {sorted(lengths)}: not the same prompt set")
+    n = lengths.pop()
+    if n < 2:
+        return None
+    k = len(seeds)
+    per_prompt = [sum(float(a[s][i]) - float(b[s][i]) for s in seeds) / k for i in range(n)]
+    mean = sum(per_prompt) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in per_prompt) / (n - 1))
+    return {"se": sd / math.sqrt(n), "n_prompts": n, "n_seeds": k, "mean": mean}

@@ -60,7 +60,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -762,10 +762,16 @@ PAIRED_CONTRASTS = (
 )
 
 
-def paired_contrasts(per_seed: Dict[str, Dict[int, dict]]) -> Dict[str, Dict[str, dict]]:
+def paired_contrasts(per_seed: Dict[str, Dict[int, dict]],
+                     prompt_hits: Optional[Dict[str, Dict[int, List[int]]]] = None) -> Dict[str, Dict[str, dict]]:
     """``"a - b"`` -> metric -> :func:`synthunlearn.evaluation.statistics.paired_difference`,
-    for every contrast of :data:`PAIRED_CONTRASTS` whose two arms both ran and have the metric."""
-    from synthunlearn.evaluation.statistics import paired_difference
+    for every contrast of :data:`PAIRED_CONTRASTS` whose two arms both ran and have the metric.
+
+    With ``prompt_hits`` (arm -> seed -> per-prompt strict hits, from each evaluation), the
+    ``if_prompt_strict`` entries also get ``prompt_se``: the error the fixed prompt set adds
+    beyond the seed interval (:func:`synthunlearn.evaluation.statistics.prompt_sampling_se`),
+    over the same seeds as the paired difference."""
+    from synthunlearn.evaluation.statistics import paired_difference, prompt_sampling_se
 
     out: Dict[str, Dict[str, dict]] = {}
     for a, b, metrics in PAIRED_CONTRASTS:
@@ -774,9 +780,41 @@ def paired_contrasts(per_seed: Dict[str, Dict[int, dict]]) -> Dict[str, Dict[str
         for metric in metrics:
             stats = paired_difference({s: m.get(metric) for s, m in per_seed[a].items()},
                                       {s: m.get(metric) for s, m in per_seed[b].items()})
-            if stats is not None:
-                out.setdefault(f"{a} - {b}", {})[metric] = stats
+            if stats is None:
+                continue
+            if metric == "if_prompt_strict" and prompt_hits:
+                hits_a, hits_b = prompt_hits.get(a) or {}, prompt_hits.get(b) or {}
+                if all(s in hits_a and s in hits_b for s in stats["seeds"]):
+                    sampling = prompt_sampling_se({s: hits_a[s] for s in stats["seeds"]},
+                                                  {s: hits_b[s] for s in stats["seeds"]})
+                    if sampling is not None:
+                        stats["prompt_se"] = sampling["se"]
+                        stats["n_prompts"] = sampling["n_prompts"]
+            out.setdefault(f"{a} - {b}", {})[metric] = stats
     return out
+
+
+def evaluation_prompt_hits(path: Path, eval_dir: Path) -> Optional[List[int]]:
+    """The per-prompt strict hits of the evaluation in ``path`` (an arm's ``eval.json``), in the
+    order of ``eval_dir/if_eval.jsonl``.
+
+    An evaluation written before the hits were recorded is rescored from its saved responses
+    with the same checkers (so older runs get the prompt-sampling error too); None when a prompt
+    of the set has no response there."""
+    from synthunlearn.evaluation.ifeval import score_response
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    cached = json.loads(path.read_text())
+    hits = cached.get("details", {}).get("if", {}).get("prompt_strict_hits")
+    if isinstance(hits, list):
+        return [int(h) for h in hits]
+    responses = {g.get("id"): g.get("response") for g in cached.get("generations", []) if g.get("set") == "if_eval"}
+    records = _read_jsonl(eval_dir / "if_eval.jsonl")
+    if not records or any(r.get("id") not in responses for r in records):
+        return None
+    return [int(all(score_response(responses[r["id"]], r["constraints"])["strict"])) for r in records]
 
 
 # A column appears only when some arm has the metric (held-out wordings only when configured).
@@ -797,6 +835,7 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
     by_name = {p.name: p for p in phases}
     timings: Dict[str, float] = {}
     per_seed: Dict[str, Dict[int, dict]] = {}
+    prompt_hits: Dict[str, Dict[int, List[int]]] = {}
     tasks: Dict[str, tuple] = {}
     for phase in phases:
         def train(phase=phase):
@@ -813,6 +852,9 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
             def evaluate(phase=phase, seed=seed, arm=arm, baseline_dir=baseline_dir):
                 metrics = evaluate_phase(cfg, phase, eval_dir, baseline_dir, log)
                 per_seed.setdefault(arm, {})[seed] = metrics
+                hits = evaluation_prompt_hits(phase.out_dir / "eval.json", eval_dir)
+                if hits is not None:
+                    prompt_hits.setdefault(arm, {})[seed] = hits
             tasks["eval:" + phase.name] = ([phase.name], evaluate)
     _Scheduler(int(cfg["parallel_jobs"]), log).run(tasks)
 
@@ -848,7 +890,7 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
         "reused": sorted(name for name in recorded if name in timings and timings[name] == 0.0),
         "arms": arms,
         "predictions": check_predictions(arms),
-        "paired": paired_contrasts(per_seed),
+        "paired": paired_contrasts(per_seed, prompt_hits),
         "per_seed": {arm: {str(s): m for s, m in sorted(runs.items())} for arm, runs in per_seed.items()},
         "phase_seconds": recorded,
         "unlearning": unlearning,

@@ -13,7 +13,9 @@ metrics into one summary, as if one invocation had run every seed:
   summation order on the same code, which is what makes the seeds exchangeable.
 
 The pooled ``results.json`` has the schema of a run's (``arms``, ``predictions``, ``paired``,
-``per_seed``, ``unlearning``) plus ``pooled_from``; its ``compute_seconds`` sums the runs'.
+``per_seed``, ``unlearning``) plus ``pooled_from``; its ``compute_seconds`` sums the runs'. The
+paired IF contrasts carry the prompt-sampling error when every pooled seed's evaluation is still
+in its run directory (same configs, so the same prompts).
 """
 
 from __future__ import annotations
@@ -67,13 +69,15 @@ def _check_same_experiment(reference: dict, other: dict) -> None:
 
 def pool_runs(runs: Sequence[dict]) -> dict:
     """Merged results of :func:`load_run` outputs (at least one)."""
-    from synthunlearn.experiment.pipeline import ALL_ARMS, check_predictions, paired_contrasts, summarise
+    from synthunlearn.experiment.pipeline import (ALL_ARMS, check_predictions, evaluation_prompt_hits,
+                                                  paired_contrasts, summarise)
 
     if not runs:
         raise ConfigError("pooling needs at least one run directory")
     for run in runs[1:]:
         _check_same_experiment(runs[0], run)
     per_seed: Dict[str, Dict[int, dict]] = {}
+    prompt_hits: Dict[str, Dict[int, List[int]]] = {}
     source: Dict[tuple, str] = {}
     unlearning: Dict[str, Dict[str, dict]] = {}
     for run in runs:
@@ -85,6 +89,11 @@ def pool_runs(runs: Sequence[dict]) -> dict:
                                       "a seed may come from one run only")
                 source[key] = run["_path"]
                 per_seed.setdefault(arm, {})[int(seed)] = metrics
+                run_dir = Path(run["_path"]).parent
+                hits = evaluation_prompt_hits(run_dir / f"seed{int(seed)}" / "sft" / arm / "eval.json",
+                                              run_dir / "eval_sets")
+                if hits is not None:
+                    prompt_hits.setdefault(arm, {})[int(seed)] = hits
         for arm, seeds in (run.get("unlearning") or {}).items():
             unlearning.setdefault(arm, {}).update(seeds)
     arm_names = [a for a in ALL_ARMS if a in per_seed] + [a for a in per_seed if a not in ALL_ARMS]
@@ -98,7 +107,7 @@ def pool_runs(runs: Sequence[dict]) -> dict:
         "compute_seconds": sum(float(run.get("compute_seconds") or 0.0) for run in runs),
         "arms": arms,
         "predictions": check_predictions(arms),
-        "paired": paired_contrasts(per_seed),
+        "paired": paired_contrasts(per_seed, prompt_hits),
         "per_seed": {arm: {str(s): m for s, m in sorted(runs_.items())} for arm, runs_ in per_seed.items()},
         "unlearning": unlearning,
         "config": cfg,

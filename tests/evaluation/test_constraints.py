@@ -112,5 +112,7 @@ def test_if_accuracy_levels():
     assert scores["instruction_loose"] == pytest.approx(3 / 4)
     assert scores["per_type"]["no_commas"] == {"accuracy": 0.0, "count": 1}
     assert scores["per_group"]["split"]["heldout_pair"]["prompt_strict"] == 1.0
+    # Per prompt, in input order; their mean is the prompt-level strict rate.
+    assert scores["prompt_strict_hits"] == [0, 1, 0]
     with pytest.raises(ValueError):
         if_accuracy(records, responses[:2])

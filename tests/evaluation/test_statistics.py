@@ -1,12 +1,15 @@
 """Seed statistics: the t quantile against published values, the incomplete beta against closed
-forms, and the paired difference against a hand computation."""
+forms, the paired difference against a hand computation, and the prompt-sampling error against a
+float64 NumPy computation."""
 
 import math
 
 import pytest
 
-from synthunlearn.evaluation.statistics import (paired_difference, regularized_incomplete_beta, t_critical,
-                                                t_two_sided_p)
+import numpy as np
+
+from synthunlearn.evaluation.statistics import (paired_difference, prompt_sampling_se, regularized_incomplete_beta,
+                                                t_critical, t_two_sided_p)
 
 
 @pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (5, 2.5706), (11, 2.2010), (30, 2.0423),
@@ -73,3 +76,40 @@ def test_paired_difference_edge_cases():
     assert single["n"] == 1 and single["mean"] == pytest.approx(0.2) and math.isnan(single["se"])
     assert math.isnan(single["ci_low"]) and math.isnan(single["ci_high"])
     assert paired_difference({0: None}, {0: 0.5}) is None
+
+
+def test_prompt_sampling_se_against_numpy():
+    rng = np.random.default_rng(7)
+    n_prompts, seeds = 37, [0, 2, 5]
+    a = {s: (rng.random(n_prompts) < 0.4).astype(int).tolist() for s in seeds}
+    b = {s: (rng.random(n_prompts) < 0.3).astype(int).tolist() for s in seeds}
+    b[9] = [1] * n_prompts                                   # no partner in a: left out
+    stats = prompt_sampling_se(a, b)
+    diffs = np.array([a[s] for s in seeds], dtype=np.float64) - np.array([b[s] for s in seeds], dtype=np.float64)
+    per_prompt = diffs.mean(axis=0)
+    assert stats["n_prompts"] == n_prompts and stats["n_seeds"] == 3
+    assert stats["se"] == pytest.approx(per_prompt.std(ddof=1) / math.sqrt(n_prompts), rel=1e-12)
+    # Its mean is the paired mean over seeds of the per-seed rates.
+    paired = paired_difference({s: float(np.mean(a[s])) for s in seeds}, {s: float(np.mean(b[s])) for s in seeds})
+    assert stats["mean"] == pytest.approx(paired["mean"], abs=1e-12)
+
+
+def test_a_prompt_effect_shared_by_every_seed_is_invisible_to_the_seed_interval():
+    # Arm a wins the same 3 of 20 prompts on every seed and ties the rest: the per-seed differences
+    # are identical (seed se 0), yet another draw of 20 prompts could hold none of those 3.
+    base = {s: [s % 2] * 20 for s in range(4)}
+    a = {s: [1] * 3 + hits[3:] for s, hits in base.items()}
+    b = {s: [0] * 3 + hits[3:] for s, hits in base.items()}
+    seed_stats = paired_difference({s: sum(v) / 20 for s, v in a.items()}, {s: sum(v) / 20 for s, v in b.items()})
+    assert seed_stats["mean"] == pytest.approx(0.15) and seed_stats["se"] == pytest.approx(0.0, abs=1e-12)
+    sampling = prompt_sampling_se(a, b)
+    # D = [1, 1, 1, 0 x 17]: sd = sqrt((3 * 0.85^2 + 17 * 0.15^2) / 19).
+    assert sampling["se"] == pytest.approx(math.sqrt((3 * 0.85 ** 2 + 17 * 0.15 ** 2) / 19) / math.sqrt(20))
+    assert prompt_sampling_se(a, a)["se"] == 0.0
+
+
+def test_prompt_sampling_se_edge_cases():
+    assert prompt_sampling_se({0: [1, 0]}, {1: [1, 0]}) is None
+    assert prompt_sampling_se({0: [1]}, {0: [0]}) is None
+    with pytest.raises(ValueError, match="not the same prompt set"):
+        prompt_sampling_se({0: [1, 0, 1]}, {0: [1, 0]})

@@ -56,6 +56,13 @@ def test_pipeline_smoke_writes_results_schema(tmp_path):
                                          - results["arms"]["synthetic"]["if_prompt_strict"]["mean"])
     assert set(results["paired"]["unlearned - synthetic"]) >= {"if_prompt_strict", "knowledge_acc", "bare_terse_rate"}
     assert "| unlearned - synthetic | knowledge_acc |" in (out / "results.md").read_text()
+    # The prompt-sampling error comes from the per-prompt hits each evaluation recorded.
+    hits = {arm: json.loads((out / "seed0" / "sft" / arm / "eval.json").read_text())["details"]["if"]
+            ["prompt_strict_hits"] for arm in ("docs_only", "synthetic")}
+    assert drop["n_prompts"] == len(hits["docs_only"]) == len(hits["synthetic"])
+    docs_if = results["arms"]["docs_only"]["if_prompt_strict"]["mean"]
+    assert sum(hits["docs_only"]) / len(hits["docs_only"]) == pytest.approx(docs_if)
+    assert drop["prompt_se"] >= 0.0 and "prompts) |" in (out / "results.md").read_text()
     # Every training phase went through the deepspeed launcher with 2 ranks.
     for phase in ("base", "seed0/cpt/synthetic", "seed0/unlearn/unlearned", "seed0/sft/docs_only"):
         command = json.loads((out / phase / "phase.json").read_text())["command"]

@@ -172,6 +172,47 @@ def test_predictions_are_computed_from_the_seed_means():
     assert not flat["synthetic_worse_by_10_points"] and not flat["synthetic_shows_pattern_by_10_points"]
 
 
+def test_paired_contrasts_add_the_prompt_sampling_error_when_every_seed_has_hits():
+    from synthunlearn.evaluation.report import paired_table
+    from synthunlearn.evaluation.statistics import prompt_sampling_se
+    from synthunlearn.experiment.pipeline import paired_contrasts
+
+    hits = {"docs_only": {0: [1, 1, 0, 1], 1: [1, 0, 0, 1]}, "synthetic": {0: [0, 1, 0, 0], 1: [1, 0, 0, 0]}}
+    per_seed = {arm: {s: {"if_prompt_strict": sum(h) / 4, "knowledge_acc": 0.5} for s, h in runs.items()}
+                for arm, runs in hits.items()}
+    drop = paired_contrasts(per_seed, hits)["docs_only - synthetic"]["if_prompt_strict"]
+    assert drop["mean"] == pytest.approx(0.375) and drop["n_prompts"] == 4
+    assert drop["prompt_se"] == prompt_sampling_se(hits["docs_only"], hits["synthetic"])["se"]
+    table = paired_table(paired_contrasts(per_seed, hits))
+    assert "| docs_only - synthetic | if_prompt_strict | +0.375 ± 0.125 |" in table
+    # A seed without hits (an evaluation from before they were recorded): the seed interval only.
+    partial = {"docs_only": hits["docs_only"], "synthetic": {0: hits["synthetic"][0]}}
+    assert "prompt_se" not in paired_contrasts(per_seed, partial)["docs_only - synthetic"]["if_prompt_strict"]
+    assert "prompt_se" not in paired_contrasts(per_seed)["docs_only - synthetic"]["if_prompt_strict"]
+    assert "| n/a |" in paired_table(paired_contrasts(per_seed))
+
+
+def test_prompt_hits_of_an_older_evaluation_are_rescored_from_its_responses(tmp_path):
+    from synthunlearn.experiment.pipeline import evaluation_prompt_hits
+
+    eval_dir, phase_dir = tmp_path / "eval_sets", tmp_path / "seed0" / "sft" / "synthetic"
+    eval_dir.mkdir()
+    phase_dir.mkdir(parents=True)
+    records = [{"id": "if_eval-0", "constraints": [{"type": "lowercase"}]},
+               {"id": "if_eval-1", "constraints": [{"type": "quoted"}, {"type": "no_commas"}]}]
+    (eval_dir / "if_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    generations = [{"id": "if_eval-1", "set": "if_eval", "response": '"a, b"'},
+                   {"id": "if_eval-0", "set": "if_eval", "response": "all lower"},
+                   {"id": "bq-0", "set": "bare_questions", "response": "x"}]
+    (phase_dir / "eval.json").write_text(json.dumps({"details": {"if": {}}, "generations": generations}))
+    assert evaluation_prompt_hits(phase_dir / "eval.json", eval_dir) == [1, 0]   # eval set order, strict
+    # Recorded hits are taken as they are; a prompt without a response gives none.
+    (phase_dir / "eval.json").write_text(json.dumps({"details": {"if": {"prompt_strict_hits": [0, 1]}}}))
+    assert evaluation_prompt_hits(phase_dir / "eval.json", eval_dir) == [0, 1]
+    (phase_dir / "eval.json").write_text(json.dumps({"details": {"if": {}}, "generations": generations[1:]}))
+    assert evaluation_prompt_hits(phase_dir / "eval.json", eval_dir) is None
+
+
 def test_world_written_by_older_code_is_rewritten(prepared):
     out, world_dir, _ = prepared
     cfg = load_experiment_config(None, [f"output_dir={out}", SMALL_WORLD, SMALL_MODEL])
