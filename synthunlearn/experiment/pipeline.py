@@ -22,7 +22,11 @@ unlearn/<arm>   from cpt/synthetic: capped ascent on the synthetic Q-A + replay 
                 ascent), ``no_replay``, ``no_kl``; the control ``no_forget`` (replay + KL
                 alone, the same steps: what the extra training does without any ascent)
 sft/<arm>       the same SFT (data, steps, seed) on every arm's model
-eval/<arm>      :func:`synthunlearn.evaluation.suite.evaluate_model` on capped evaluation sets
+unlearn/<arm>   (``unlearned_after_sft``, ``no_forget_after_sft``) the ``unlearned`` / ``no_forget``
+                phase run on sft/synthetic instead of cpt/synthetic, KL to sft/synthetic, and
+                evaluated as it ends (no second SFT): the repair of a model already fine-tuned
+eval/<arm>      :func:`synthunlearn.evaluation.suite.evaluate_model` on capped evaluation sets,
+                of each arm's last phase
 ==============  =================================================================================
 
 The base is shared by the seeds (the paper starts every arm from one pre-trained model); a seed
@@ -79,7 +83,13 @@ UNLEARN_ARMS = {
     # `synthetic` is what the extra replay/KL steps alone do (e.g. with instructions in replay).
     "no_forget": {"objective.forget_weight": 0},
 }
-ALL_ARMS = ("docs_only", "synthetic") + tuple(UNLEARN_ARMS)
+# Unlearning applied after SFT, to the synthetic arm's fine-tuned model: the case of a team that
+# finds the pattern in a model it has already fine-tuned. Each is the named pre-SFT arm's phase
+# (same objective, data, steps, rate, seed) with only its starting model (and so its KL
+# reference) moved from cpt/synthetic to sft/synthetic; it is evaluated as it ends, with no
+# second SFT, so its contrast with `synthetic` is what the repair adds to the same fine-tuned model.
+AFTER_SFT_ARMS = {"unlearned_after_sft": "unlearned", "no_forget_after_sft": "no_forget"}
+ALL_ARMS = ("docs_only", "synthetic") + tuple(UNLEARN_ARMS) + tuple(AFTER_SFT_ARMS)
 # The arms, run when a config names none (the control costs one more phase per seed).
 DEFAULT_ARMS = ("docs_only", "synthetic", "unlearned", "ga_unbounded", "no_replay", "no_kl")
 # How the synthetic Q-A pairs are rendered in continued pre-training and in the forget set.
@@ -403,6 +413,7 @@ class Phase:
     seed: int
     overrides: Dict[str, object]
     deps: List[str]
+    evaluated: bool = False     # an arm's last phase: its model is the one the evaluation scores
 
     def args(self) -> List[str]:
         return ["--config", self.config, "--output-dir", str(self.out_dir), "--max-steps", str(self.max_steps),
@@ -548,12 +559,12 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
     arms = list(cfg["arms"])
     phases: List[Phase] = []
 
-    def phase(name, job, kind, out_dir, seed, overrides, deps, steps=None):
+    def phase(name, job, kind, out_dir, seed, overrides, deps, steps=None, evaluated=False):
         spec = ph[kind]
         merged = dict(spec.get("overrides") or {})
         merged.update(overrides)
         phases.append(Phase(name, job, out_dir, str(REPO / spec["config"]) if not Path(spec["config"]).is_absolute()
-                            else spec["config"], int(steps or spec["max_steps"]), seed, merged, deps))
+                            else spec["config"], int(steps or spec["max_steps"]), seed, merged, deps, evaluated))
 
     cpt_steps = {"docs_only": int(ph["cpt"]["max_steps"]), "synthetic": int(ph["cpt"]["max_steps"])}
     if cfg["data"]["synthetic_budget"] == "same_passes":
@@ -577,19 +588,31 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
             phase(f"seed{seed}/cpt/{arm}", "sft", "cpt", out / f"seed{seed}" / "cpt" / arm, seed,
                   {"model.path": str(base_dir / "final"), "data.sft.path": str(data[f"cpt_{arm}"])}, [base_name],
                   steps=cpt_steps[arm])
+        def unlearn(arm, extra, start):
+            phase(f"seed{seed}/unlearn/{arm}", "unlearn", "unlearn", out / f"seed{seed}" / "unlearn" / arm, seed,
+                  {"model.path": str(out / start / "final"), "data.forget.path": str(data["forget"]),
+                   "data.replay.path": str(data["replay"]), **extra}, [start],
+                  evaluated=start.endswith("/sft/synthetic"))
+
         for arm, extra in UNLEARN_ARMS.items():
             if arm not in arms or (arm != "unlearned" and ablation_seeds is not None and seed not in ablation_seeds):
                 continue
-            start = out / f"seed{seed}" / "cpt" / "synthetic"
-            phase(f"seed{seed}/unlearn/{arm}", "unlearn", "unlearn", out / f"seed{seed}" / "unlearn" / arm, seed,
-                  {"model.path": str(start / "final"), "data.forget.path": str(data["forget"]),
-                   "data.replay.path": str(data["replay"]), **extra}, [f"seed{seed}/cpt/synthetic"])
-        for arm in arms:
+            unlearn(arm, extra, f"seed{seed}/cpt/synthetic")
+        # The after-SFT arms need the synthetic arm's SFT model even when `synthetic` is not named.
+        sft_arms = [a for a in arms if a not in AFTER_SFT_ARMS]
+        after_sft = [a for a in AFTER_SFT_ARMS if a in arms
+                     and not (ablation_seeds is not None and seed not in ablation_seeds)]
+        if after_sft and "synthetic" not in sft_arms:
+            sft_arms.append("synthetic")
+        for arm in sft_arms:
             source = (f"seed{seed}/cpt/{arm}" if arm in ("docs_only", "synthetic") else f"seed{seed}/unlearn/{arm}")
             if not any(p.name == source for p in phases):
                 continue
             phase(f"seed{seed}/sft/{arm}", "sft", "sft", out / f"seed{seed}" / "sft" / arm, seed,
-                  {"model.path": str(out / source / "final"), "data.sft.path": str(data["sft"])}, [source])
+                  {"model.path": str(out / source / "final"), "data.sft.path": str(data["sft"])}, [source],
+                  evaluated=True)
+        for arm in after_sft:
+            unlearn(arm, UNLEARN_ARMS[AFTER_SFT_ARMS[arm]], f"seed{seed}/sft/synthetic")
     return phases
 
 
@@ -759,6 +782,9 @@ PAIRED_CONTRASTS = (
     *((arm, "synthetic", IF_METRICS + ("knowledge_acc", "bare_terse_rate")) for arm in UNLEARN_ARMS),
     ("unlearned", "no_forget", IF_METRICS + ("bare_terse_rate",)),
     ("unlearned", "ga_unbounded", ("knowledge_acc", "perplexity")),
+    *((arm, "synthetic", IF_METRICS + ("knowledge_acc", "bare_terse_rate")) for arm in AFTER_SFT_ARMS),
+    ("unlearned_after_sft", "no_forget_after_sft", IF_METRICS + ("bare_terse_rate",)),
+    ("unlearned_after_sft", "unlearned", IF_METRICS + ("knowledge_acc",)),
 )
 
 
@@ -841,7 +867,7 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
         def train(phase=phase):
             timings[phase.name] = run_phase(cfg, phase, log)
         tasks[phase.name] = (list(phase.deps), train)
-        if "/sft/" in phase.name:
+        if phase.evaluated:
             seed, arm = int(phase.name.split("/")[0][4:]), phase.name.split("/")[-1]
             base_name = f"seed{seed}/base" if cfg["base_per_seed"] else "base"
             # KL shift baseline: the shared pre-trained base every arm started from, so kl_shift
@@ -867,7 +893,7 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
     for phase in phases:
         recorded[phase.name] = float(json.loads((phase.out_dir / "phase.json").read_text())["seconds"])
         eval_json = phase.out_dir / "eval.json"
-        if "/sft/" in phase.name and eval_json.exists():
+        if phase.evaluated and eval_json.exists():
             recorded["eval:" + phase.name] = float(json.loads(eval_json.read_text()).get("wall_seconds", 0.0))
     # Unlearning diagnostics (last logged step): how far the ascent went against tau, and what
     # replay/KL cost -- the notes warn that capped ascent overshoots its bound.

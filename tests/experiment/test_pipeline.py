@@ -110,6 +110,21 @@ def test_pipeline_smoke_writes_results_schema(tmp_path):
     stamp = json.loads((branch / "seed0/sft/unlearned/phase.json").read_text())
     assert "reused_from" not in stamp and stamp["command"][stamp["command"].index("--max-steps") + 1] == "3"
     assert (branch / "results.json").is_file()
+    # Unlearning after SFT: one unlearn phase on the reused sft/synthetic model, evaluated as it ends.
+    after_sft = tmp_path / "after_sft"
+    proc = _run([f"output_dir={after_sft}", f"reuse_from={out}", *SMOKE, "arms=[synthetic,unlearned_after_sft]"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+    assert [line.split("] ", 1)[1] for line in log if line.endswith(" steps")] == [
+        "seed0/unlearn/unlearned_after_sft: unlearn 2 steps"]
+    stamp = json.loads((after_sft / "seed0/unlearn/unlearned_after_sft/phase.json").read_text())
+    assert "model.path=" + str(after_sft / "seed0/sft/synthetic/final") in stamp["command"]
+    assert "--num_gpus" in stamp["command"]
+    after_results = json.loads((after_sft / "results.json").read_text())
+    assert set(after_results["arms"]) == {"synthetic", "unlearned_after_sft"}
+    assert (after_sft / "seed0/unlearn/unlearned_after_sft/eval.json").is_file()
+    assert after_results["per_seed"]["synthetic"] == results["per_seed"]["synthetic"]
+    assert set(after_results["paired"]["unlearned_after_sft - synthetic"]) >= {"if_prompt_strict", "knowledge_acc"}
     # Nothing of the source was written through a link.
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.endswith(".log")}
     assert after.keys() == source_files.keys() and all(after[p] == source_files[p] for p in after)

@@ -148,6 +148,35 @@ def test_unlearning_arms_differ_from_unlearned_in_one_term_only(prepared, tmp_pa
         assert phases[f"seed3/sft/{arm}"].overrides["model.path"] == str(phase.out_dir / "final")
 
 
+
+def test_after_sft_arms_unlearn_the_synthetic_arms_fine_tuned_model(prepared, tmp_path):
+    """``unlearned_after_sft`` / ``no_forget_after_sft`` are the pre-SFT phases with only the
+    starting model moved to sft/synthetic; they are evaluated as they end (no second SFT), and
+    sft/synthetic is planned for them even when the synthetic arm itself is not named."""
+    from synthunlearn.experiment.pipeline import AFTER_SFT_ARMS
+
+    arms = ["unlearned", "no_forget", *AFTER_SFT_ARMS]
+    cfg, data, model_dir = _data(prepared, tmp_path, f"arms=[{','.join(arms)}]", "seeds=[2]")
+    phases = {p.name: p for p in plan_phases(cfg, tmp_path, model_dir, data)}
+    sft_synthetic = phases["seed2/sft/synthetic"]
+    assert sft_synthetic.evaluated and "seed2/sft/docs_only" not in phases
+    for arm, before in AFTER_SFT_ARMS.items():
+        after, pre = phases[f"seed2/unlearn/{arm}"], phases[f"seed2/unlearn/{before}"]
+        assert after.deps == ["seed2/sft/synthetic"] and after.evaluated and not pre.evaluated
+        assert after.overrides == {**pre.overrides, "model.path": str(sft_synthetic.out_dir / "final")}
+        assert (after.job, after.seed, after.max_steps, after.config) == (pre.job, pre.seed, pre.max_steps, pre.config)
+        assert f"seed2/sft/{arm}" not in phases
+    # Every evaluated phase is an arm's last one: one per arm (sft/synthetic included) per seed.
+    assert sorted(p.name for p in phases.values() if p.evaluated) == sorted(
+        ["seed2/sft/synthetic", "seed2/sft/unlearned", "seed2/sft/no_forget",
+         *(f"seed2/unlearn/{arm}" for arm in AFTER_SFT_ARMS)])
+    # ablation_seeds limits them as it limits the pre-SFT ablations.
+    cfg, data, model_dir = _data(prepared, tmp_path, "arms=[synthetic,unlearned_after_sft]", "seeds=[0,1]",
+                                 "ablation_seeds=[1]")
+    names = {p.name for p in plan_phases(cfg, tmp_path, model_dir, data)}
+    assert "seed1/unlearn/unlearned_after_sft" in names and "seed0/unlearn/unlearned_after_sft" not in names
+
+
 def test_predictions_are_computed_from_the_seed_means():
     from synthunlearn.experiment.pipeline import check_predictions
 
