@@ -760,6 +760,15 @@ def check_predictions(arms: Dict[str, dict]) -> Dict[str, object]:
     if None not in (a_t, b_t, c_t) and b_t - a_t > 0:
         out["unlearned_pattern_removed_share"] = (b_t - c_t) / (b_t - a_t)
         out["unlearned_removes_half_the_pattern"] = (b_t - c_t) >= 0.5 * (b_t - a_t)
+    # The same questions for unlearning after SFT, set against the same `synthetic` SFT model.
+    d_if, d_k, d_t = (mean("unlearned_after_sft", m) for m in ("if_prompt_strict", "knowledge_acc", "bare_terse_rate"))
+    if None not in (a_if, b_if, d_if) and a_if - b_if > 0:
+        out["unlearned_after_sft_recovered_share"] = (d_if - b_if) / (a_if - b_if)
+        out["unlearned_after_sft_recovers_half"] = (d_if - b_if) >= 0.5 * (a_if - b_if)
+    if None not in (b_k, d_k):
+        out["unlearned_after_sft_knowledge_within_3_points"] = abs(d_k - b_k) <= 0.03
+    if None not in (a_t, b_t, d_t) and b_t - a_t > 0:
+        out["unlearned_after_sft_pattern_removed_share"] = (b_t - d_t) / (b_t - a_t)
     g_k, g_p, b_p = mean("ga_unbounded", "knowledge_acc"), mean("ga_unbounded", "perplexity"), mean("synthetic", "perplexity")
     if None not in (g_k, b_k):
         out["ga_unbounded_knowledge_drop"] = b_k - g_k

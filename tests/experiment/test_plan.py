@@ -194,6 +194,12 @@ def test_predictions_are_computed_from_the_seed_means():
     assert out["ga_unbounded_knowledge_drop"] == pytest.approx(0.12)
     assert out["ga_unbounded_perplexity_ratio"] == pytest.approx(2.0)
     assert out["ga_unbounded_knowledge_below_unlearned"] == pytest.approx(0.11)
+    assert not any(key.startswith("unlearned_after_sft") for key in out)
+    after = check_predictions({"docs_only": arm(0.60, 0.40, 0.00), "synthetic": arm(0.45, 0.42, 0.60),
+                               "unlearned_after_sft": arm(0.54, 0.38, 0.15)})
+    assert after["unlearned_after_sft_recovered_share"] == pytest.approx(0.6) and after["unlearned_after_sft_recovers_half"]
+    assert not after["unlearned_after_sft_knowledge_within_3_points"]
+    assert after["unlearned_after_sft_pattern_removed_share"] == pytest.approx(0.75)
     # No gap: no recovery share is reported (it would divide by zero or flip sign).
     flat = check_predictions({"docs_only": arm(0.5, 0.4, 0.2), "synthetic": arm(0.55, 0.4, 0.1),
                               "unlearned": arm(0.5, 0.4, 0.1)})
