@@ -588,11 +588,10 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
             phase(f"seed{seed}/cpt/{arm}", "sft", "cpt", out / f"seed{seed}" / "cpt" / arm, seed,
                   {"model.path": str(base_dir / "final"), "data.sft.path": str(data[f"cpt_{arm}"])}, [base_name],
                   steps=cpt_steps[arm])
-        def unlearn(arm, extra, start):
+        def unlearn(arm, extra, start, evaluated=False):
             phase(f"seed{seed}/unlearn/{arm}", "unlearn", "unlearn", out / f"seed{seed}" / "unlearn" / arm, seed,
                   {"model.path": str(out / start / "final"), "data.forget.path": str(data["forget"]),
-                   "data.replay.path": str(data["replay"]), **extra}, [start],
-                  evaluated=start.endswith("/sft/synthetic"))
+                   "data.replay.path": str(data["replay"]), **extra}, [start], evaluated=evaluated)
 
         for arm, extra in UNLEARN_ARMS.items():
             if arm not in arms or (arm != "unlearned" and ablation_seeds is not None and seed not in ablation_seeds):
@@ -612,7 +611,7 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
                   {"model.path": str(out / source / "final"), "data.sft.path": str(data["sft"])}, [source],
                   evaluated=True)
         for arm in after_sft:
-            unlearn(arm, UNLEARN_ARMS[AFTER_SFT_ARMS[arm]], f"seed{seed}/sft/synthetic")
+            unlearn(arm, UNLEARN_ARMS[AFTER_SFT_ARMS[arm]], f"seed{seed}/sft/synthetic", evaluated=True)
     return phases
 
 

@@ -148,7 +148,6 @@ def test_unlearning_arms_differ_from_unlearned_in_one_term_only(prepared, tmp_pa
         assert phases[f"seed3/sft/{arm}"].overrides["model.path"] == str(phase.out_dir / "final")
 
 
-
 def test_after_sft_arms_unlearn_the_synthetic_arms_fine_tuned_model(prepared, tmp_path):
     """``unlearned_after_sft`` / ``no_forget_after_sft`` are the pre-SFT phases with only the
     starting model moved to sft/synthetic; they are evaluated as they end (no second SFT), and
