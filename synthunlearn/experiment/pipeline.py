@@ -71,7 +71,6 @@ import yaml
 from synthunlearn.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
-MAIN_ARMS = ("docs_only", "synthetic", "unlearned")
 # Each unlearning arm = the unlearn phase config + these overrides (the ablations change one term).
 UNLEARN_ARMS = {
     "unlearned": {},
@@ -739,35 +738,31 @@ def check_predictions(arms: Dict[str, dict]) -> Dict[str, object]:
         return value if isinstance(value, (int, float)) else None
 
     out: Dict[str, object] = {}
-    a_if, b_if, c_if = (mean(a, "if_prompt_strict") for a in MAIN_ARMS)
-    a_k, b_k, c_k = (mean(a, "knowledge_acc") for a in MAIN_ARMS)
+    a_if, b_if = (mean(a, "if_prompt_strict") for a in ("docs_only", "synthetic"))
+    a_k, b_k = (mean(a, "knowledge_acc") for a in ("docs_only", "synthetic"))
+    # The pattern itself: bare answers to bare synthetic-wording questions, a shape SFT never taught.
+    a_t, b_t = (mean(a, "bare_terse_rate") for a in ("docs_only", "synthetic"))
     if None not in (a_if, b_if):
         out["if_gap_docs_minus_synthetic"] = a_if - b_if
         out["synthetic_worse_by_10_points"] = a_if - b_if >= 0.10
     if None not in (a_k, b_k):
         out["synthetic_knowledge_at_least_docs"] = b_k >= a_k
-    if None not in (a_if, b_if, c_if) and a_if - b_if > 0:
-        out["unlearned_recovered_share"] = (c_if - b_if) / (a_if - b_if)
-        out["unlearned_recovers_half"] = (c_if - b_if) >= 0.5 * (a_if - b_if)
-    if None not in (b_k, c_k):
-        out["unlearned_knowledge_within_3_points"] = abs(c_k - b_k) <= 0.03
-    # The pattern itself: bare answers to bare synthetic-wording questions, a shape SFT never taught.
-    a_t, b_t, c_t = (mean(a, "bare_terse_rate") for a in MAIN_ARMS)
     if None not in (a_t, b_t):
         out["pattern_gap_synthetic_minus_docs"] = b_t - a_t
         out["synthetic_shows_pattern_by_10_points"] = b_t - a_t >= 0.10
-    if None not in (a_t, b_t, c_t) and b_t - a_t > 0:
-        out["unlearned_pattern_removed_share"] = (b_t - c_t) / (b_t - a_t)
-        out["unlearned_removes_half_the_pattern"] = (b_t - c_t) >= 0.5 * (b_t - a_t)
-    # The same questions for unlearning after SFT, set against the same `synthetic` SFT model.
-    d_if, d_k, d_t = (mean("unlearned_after_sft", m) for m in ("if_prompt_strict", "knowledge_acc", "bare_terse_rate"))
-    if None not in (a_if, b_if, d_if) and a_if - b_if > 0:
-        out["unlearned_after_sft_recovered_share"] = (d_if - b_if) / (a_if - b_if)
-        out["unlearned_after_sft_recovers_half"] = (d_if - b_if) >= 0.5 * (a_if - b_if)
-    if None not in (b_k, d_k):
-        out["unlearned_after_sft_knowledge_within_3_points"] = abs(d_k - b_k) <= 0.03
-    if None not in (a_t, b_t, d_t) and b_t - a_t > 0:
-        out["unlearned_after_sft_pattern_removed_share"] = (b_t - d_t) / (b_t - a_t)
+    # What the repair gives back, against the same `synthetic` SFT model: unlearning before SFT
+    # (then the same SFT) and, the same phase, after it (evaluated as it ends).
+    for arm in ("unlearned", "unlearned_after_sft"):
+        c_if, c_k, c_t = (mean(arm, m) for m in ("if_prompt_strict", "knowledge_acc", "bare_terse_rate"))
+        if None not in (a_if, b_if, c_if) and a_if - b_if > 0:
+            out[f"{arm}_recovered_share"] = (c_if - b_if) / (a_if - b_if)
+            out[f"{arm}_recovers_half"] = (c_if - b_if) >= 0.5 * (a_if - b_if)
+        if None not in (b_k, c_k):
+            out[f"{arm}_knowledge_within_3_points"] = abs(c_k - b_k) <= 0.03
+        if None not in (a_t, b_t, c_t) and b_t - a_t > 0:
+            out[f"{arm}_pattern_removed_share"] = (b_t - c_t) / (b_t - a_t)
+            out[f"{arm}_removes_half_the_pattern"] = (b_t - c_t) >= 0.5 * (b_t - a_t)
+    c_k = mean("unlearned", "knowledge_acc")
     g_k, g_p, b_p = mean("ga_unbounded", "knowledge_acc"), mean("ga_unbounded", "perplexity"), mean("synthetic", "perplexity")
     if None not in (g_k, b_k):
         out["ga_unbounded_knowledge_drop"] = b_k - g_k
