@@ -24,7 +24,8 @@ unlearn/<arm>   from cpt/synthetic: capped ascent on the synthetic Q-A + replay 
 sft/<arm>       the same SFT (data, steps, seed) on every arm's model
 unlearn/<arm>   (``unlearned_after_sft``, ``no_forget_after_sft``) the ``unlearned`` / ``no_forget``
                 phase run on sft/synthetic instead of cpt/synthetic, KL to sft/synthetic, and
-                evaluated as it ends (no second SFT): the repair of a model already fine-tuned
+                evaluated as it ends (no second SFT): the repair of a model already fine-tuned;
+                ``data.after_sft_replay: sft`` replays the SFT data there instead of the corpus
 eval/<arm>      :func:`synthunlearn.evaluation.suite.evaluate_model` on capped evaluation sets,
                 of each arm's last phase
 ==============  =================================================================================
@@ -89,6 +90,11 @@ UNLEARN_ARMS = {
 # second SFT, so its contrast with `synthetic` is what the repair adds to the same fine-tuned model.
 AFTER_SFT_ARMS = {"unlearned_after_sft": "unlearned", "no_forget_after_sft": "no_forget"}
 ALL_ARMS = ("docs_only", "synthetic") + tuple(UNLEARN_ARMS) + tuple(AFTER_SFT_ARMS)
+# The replay set of the after-SFT arms: ``corpus`` = the pre-SFT phase's replay file (documents,
+# plus instructions with data.instructions_in_replay, loss on every token); ``sft`` = the SFT data
+# itself (chat records, loss on the replies), tokenised at the SFT phase's data.max_length, so the
+# replay keeps the fine-tuned model where SFT left it instead of pulling it back to raw text.
+AFTER_SFT_REPLAYS = ("corpus", "sft")
 # The issue's arms, run when a config names none (the control costs one more phase per seed).
 DEFAULT_ARMS = ("docs_only", "synthetic", "unlearned", "ga_unbounded", "no_replay", "no_kl")
 # How the synthetic Q-A pairs are rendered in continued pre-training and in the forget set.
@@ -112,7 +118,7 @@ DEFAULTS = {
     "world": {},
     "model": {"vocab_size": 1024, "seed": 0, "arch": {}},
     "data": {"synthetic_copies": 2, "synthetic_format": "qa", "synthetic_budget": "same_steps",
-             "instructions_in_cpt": True, "instructions_in_replay": False},
+             "instructions_in_cpt": True, "instructions_in_replay": False, "after_sft_replay": "corpus"},
     "phases": {
         "base": {"config": "configs/experiment/pretrain.yaml", "max_steps": 300, "overrides": {}},
         "cpt": {"config": "configs/experiment/pretrain.yaml", "max_steps": 100, "overrides": {}},
@@ -205,6 +211,9 @@ def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
     if cfg["data"]["synthetic_budget"] not in SYNTHETIC_BUDGETS:
         raise ConfigError(f"data.synthetic_budget: {cfg['data']['synthetic_budget']!r}; "
                           f"valid: {', '.join(SYNTHETIC_BUDGETS)}")
+    if cfg["data"]["after_sft_replay"] not in AFTER_SFT_REPLAYS:
+        raise ConfigError(f"data.after_sft_replay: {cfg['data']['after_sft_replay']!r}; "
+                          f"valid: {', '.join(AFTER_SFT_REPLAYS)}")
     unknown_arms = sorted(set(cfg["arms"]) - set(ALL_ARMS))
     if unknown_arms:
         raise ConfigError(f"arms: unknown {unknown_arms}; valid: {', '.join(ALL_ARMS)}")
@@ -573,6 +582,9 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
         sizes = {arm: len(_read_jsonl(data[f"cpt_{arm}"])) for arm in cpt_steps}
         cpt_steps["synthetic"] = max(1, round(cpt_steps["docs_only"] * sizes["synthetic"] / sizes["docs_only"]))
 
+    # What the after-SFT arms replay (AFTER_SFT_REPLAYS); every other phase keeps its files.
+    after_sft_replay = ({} if cfg["data"]["after_sft_replay"] == "corpus" else
+                        {"data.replay.path": str(data["sft"]), "data.max_length": _sft_max_length(cfg)})
     ablation_seeds = cfg["ablation_seeds"]
     for seed in cfg["seeds"]:
         base_name = f"seed{seed}/base" if cfg["base_per_seed"] else "base"
@@ -610,8 +622,19 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
                   {"model.path": str(out / source / "final"), "data.sft.path": str(data["sft"])}, [source],
                   evaluated=True)
         for arm in after_sft:
-            unlearn(arm, UNLEARN_ARMS[AFTER_SFT_ARMS[arm]], f"seed{seed}/sft/synthetic", evaluated=True)
+            unlearn(arm, {**UNLEARN_ARMS[AFTER_SFT_ARMS[arm]], **after_sft_replay}, f"seed{seed}/sft/synthetic",
+                    evaluated=True)
     return phases
+
+
+def _sft_max_length(cfg: dict) -> int:
+    """``data.max_length`` of the SFT phase, read as its launcher reads it: its run config (with the
+    run-config defaults) under ``phases.sft.overrides``."""
+    from synthunlearn.config import load_config
+
+    spec = cfg["phases"]["sft"]
+    config = Path(spec["config"]) if Path(spec["config"]).is_absolute() else REPO / spec["config"]
+    return load_config(config, _overrides(dict(spec.get("overrides") or {}))).data.max_length
 
 
 def _eval_signature(cfg: dict, model_dir: Path, baseline_dir: Path) -> str:

@@ -7,10 +7,11 @@ import os
 import sys
 
 import pytest
+import yaml
 
 from synthunlearn.errors import ConfigError
-from synthunlearn.experiment.pipeline import (evaluation_device, launcher_command, load_experiment_config, plan_phases,
-                                              prepare_data, prepare_model, prepare_world)
+from synthunlearn.experiment.pipeline import (REPO, evaluation_device, launcher_command, load_experiment_config,
+                                              plan_phases, prepare_data, prepare_model, prepare_world)
 
 SMALL_WORLD = ("world={n_people: 30, pretrain_instruction_people: 8, sft_people: 10, docs_per_person: 2, n_orgs: 5, "
                "n_cities: 6, n_pretrain_instructions: 20, n_sft: 20, n_if_eval: 6, n_mc: 8, n_heldout_docs: 4, "
@@ -43,6 +44,7 @@ def _data(prepared, tmp_path, *overrides):
     ("data.synthetic_fromat=chat", "data: unknown keys ['synthetic_fromat']"),
     ("data.synthetic_format=markdown", "data.synthetic_format: 'markdown'; valid: qa, chat"),
     ("data.synthetic_budget=more", "data.synthetic_budget: 'more'; valid: same_steps, same_passes"),
+    ("data.after_sft_replay=docs", "data.after_sft_replay: 'docs'; valid: corpus, sft"),
     ("evaluation.if_evals=3", "evaluation: unknown keys ['if_evals']"),
     ("phases.cptt.max_steps=3", "phases: unknown keys ['cptt']"),
     ("phases.cpt.max_step=3", "phases.cpt: expected a mapping of config, max_steps, overrides; unknown keys ['max_step']"),
@@ -174,6 +176,32 @@ def test_after_sft_arms_unlearn_the_synthetic_arms_fine_tuned_model(prepared, tm
                                  "ablation_seeds=[1]")
     names = {p.name for p in plan_phases(cfg, tmp_path, model_dir, data)}
     assert "seed1/unlearn/unlearned_after_sft" in names and "seed0/unlearn/unlearned_after_sft" not in names
+
+
+def test_after_sft_replay_of_the_sft_data_changes_only_the_after_sft_phases(prepared, tmp_path):
+    """``data.after_sft_replay=sft``: the after-SFT phases replay the SFT file at the SFT phase's
+    max_length (its overrides', else its run config's); every other phase, including the pre-SFT
+    unlearning, is planned exactly as with the default ``corpus``."""
+    from synthunlearn.experiment.pipeline import AFTER_SFT_ARMS
+
+    arms = f"arms=[docs_only,synthetic,unlearned,no_forget,{','.join(AFTER_SFT_ARMS)}]"
+    cfg, data, model_dir = _data(prepared, tmp_path, arms, "seeds=[1]")
+    corpus = {p.name: p for p in plan_phases(cfg, tmp_path, model_dir, data)}
+    sft_yaml_length = yaml.safe_load((REPO / "configs/experiment/sft.yaml").read_text())["data"]["max_length"]
+    for sft_overrides, length in (("{}", sft_yaml_length), ("{data.max_length: 150}", 150)):
+        cfg, data, model_dir = _data(prepared, tmp_path, arms, "seeds=[1]", "data.after_sft_replay=sft",
+                                     f"phases.sft.overrides={sft_overrides}")
+        replayed = {p.name: p for p in plan_phases(cfg, tmp_path, model_dir, data)}
+        assert replayed.keys() == corpus.keys()
+        for name, phase in replayed.items():
+            if name.startswith("seed1/unlearn/") and name.endswith("_after_sft"):
+                assert phase.overrides == {**corpus[name].overrides, "data.replay.path": str(data["sft"]),
+                                           "data.max_length": length}, name
+                assert corpus[name].overrides["data.replay.path"] == str(data["replay"]) != str(data["sft"])
+            elif name.startswith("seed1/sft/") and length != sft_yaml_length:
+                assert phase.overrides == {**corpus[name].overrides, "data.max_length": 150}, name
+            else:
+                assert phase.overrides == corpus[name].overrides, name
 
 
 def test_predictions_are_computed_from_the_seed_means():
