@@ -25,7 +25,8 @@ sft/<arm>       the same SFT (data, steps, seed) on every arm's model
 unlearn/<arm>   (``unlearned_after_sft``, ``no_forget_after_sft``) the ``unlearned`` / ``no_forget``
                 phase run on sft/synthetic instead of cpt/synthetic, KL to sft/synthetic, and
                 evaluated as it ends (no second SFT): the repair of a model already fine-tuned;
-                ``data.after_sft_replay: sft`` replays the SFT data there instead of the corpus
+                ``data.after_sft_replay`` replays the SFT data there (``sft``) or both it and
+                the corpus (``corpus_and_sft``) instead of the corpus
 eval/<arm>      :func:`synthunlearn.evaluation.suite.evaluate_model` on capped evaluation sets,
                 of each arm's last phase
 ==============  =================================================================================
@@ -93,8 +94,11 @@ ALL_ARMS = ("docs_only", "synthetic") + tuple(UNLEARN_ARMS) + tuple(AFTER_SFT_AR
 # The replay set of the after-SFT arms: ``corpus`` = the pre-SFT phase's replay file (documents,
 # plus instructions with data.instructions_in_replay, loss on every token); ``sft`` = the SFT data
 # itself (chat records, loss on the replies), tokenised at the SFT phase's data.max_length, so the
-# replay keeps the fine-tuned model where SFT left it instead of pulling it back to raw text.
-AFTER_SFT_REPLAYS = ("corpus", "sft")
+# replay keeps the fine-tuned model where SFT left it instead of pulling it back to raw text;
+# ``corpus_and_sft`` = both files mixed with equal shares of the replay draws (the SFT file's
+# ``repeat`` is the corpus file's size over its own), at the SFT phase's data.max_length: what SFT
+# taught and what the corpus taught are both replayed, neither outweighed by its file's size.
+AFTER_SFT_REPLAYS = ("corpus", "sft", "corpus_and_sft")
 # The issue's arms, run when a config names none (the control costs one more phase per seed).
 DEFAULT_ARMS = ("docs_only", "synthetic", "unlearned", "ga_unbounded", "no_replay", "no_kl")
 # How the synthetic Q-A pairs are rendered in continued pre-training and in the forget set.
@@ -452,21 +456,30 @@ def inputs_digest(phase: Phase) -> str:
     """Digest of the phase's inputs: every data file and starting model named in its overrides.
 
     The command alone is not enough: data files are rewritten in place when the experiment's
-    data knobs change, and an upstream phase that reran leaves its ``final/`` at the same path."""
+    data knobs change, and an upstream phase that reran leaves its ``final/`` at the same path.
+    A list of files (``data.replay.files``) contributes each entry's ``path`` under ``key[i]``;
+    a phase named by plain paths only digests exactly as before lists were read, so its stamp
+    stays valid."""
     import hashlib
 
     digest = hashlib.sha1()
     for key in sorted(phase.overrides):
         value = phase.overrides[key]
-        if not isinstance(value, str):
+        if isinstance(value, str):
+            named = [(key, value)]
+        elif isinstance(value, list):
+            named = [(f"{key}[{i}]", item["path"]) for i, item in enumerate(value)
+                     if isinstance(item, dict) and isinstance(item.get("path"), str)]
+        else:
             continue
-        path = Path(value)
-        target = path / "model.safetensors" if path.is_dir() else path
-        if target.is_file():
-            digest.update(key.encode())
-            with open(target, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
+        for label, value in named:
+            path = Path(value)
+            target = path / "model.safetensors" if path.is_dir() else path
+            if target.is_file():
+                digest.update(label.encode())
+                with open(target, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
     return digest.hexdigest()
 
 
@@ -582,9 +595,7 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
         sizes = {arm: len(_read_jsonl(data[f"cpt_{arm}"])) for arm in cpt_steps}
         cpt_steps["synthetic"] = max(1, round(cpt_steps["docs_only"] * sizes["synthetic"] / sizes["docs_only"]))
 
-    # What the after-SFT arms replay (AFTER_SFT_REPLAYS); every other phase keeps its files.
-    after_sft_replay = ({} if cfg["data"]["after_sft_replay"] == "corpus" else
-                        {"data.replay.path": str(data["sft"]), "data.max_length": _sft_max_length(cfg)})
+    after_sft_replay = _after_sft_replay(cfg, data)
     ablation_seeds = cfg["ablation_seeds"]
     for seed in cfg["seeds"]:
         base_name = f"seed{seed}/base" if cfg["base_per_seed"] else "base"
@@ -625,6 +636,19 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
             unlearn(arm, {**UNLEARN_ARMS[AFTER_SFT_ARMS[arm]], **after_sft_replay}, f"seed{seed}/sft/synthetic",
                     evaluated=True)
     return phases
+
+
+def _after_sft_replay(cfg: dict, data: Dict[str, Path]) -> Dict[str, object]:
+    """The run-config overrides that give the after-SFT arms their replay set (AFTER_SFT_REPLAYS);
+    every other phase keeps its files. The KL set follows the replay set (``data.kl`` is unset)."""
+    choice = cfg["data"]["after_sft_replay"]
+    if choice == "corpus":
+        return {}
+    if choice == "sft":
+        return {"data.replay.path": str(data["sft"]), "data.max_length": _sft_max_length(cfg)}
+    share = len(_read_jsonl(data["replay"])) / len(_read_jsonl(data["sft"]))
+    return {"data.replay.path": None, "data.max_length": _sft_max_length(cfg),
+            "data.replay.files": [{"path": str(data["replay"])}, {"path": str(data["sft"]), "repeat": round(share, 6)}]}
 
 
 def _sft_max_length(cfg: dict) -> int:

@@ -44,7 +44,7 @@ def _data(prepared, tmp_path, *overrides):
     ("data.synthetic_fromat=chat", "data: unknown keys ['synthetic_fromat']"),
     ("data.synthetic_format=markdown", "data.synthetic_format: 'markdown'; valid: qa, chat"),
     ("data.synthetic_budget=more", "data.synthetic_budget: 'more'; valid: same_steps, same_passes"),
-    ("data.after_sft_replay=docs", "data.after_sft_replay: 'docs'; valid: corpus, sft"),
+    ("data.after_sft_replay=docs", "data.after_sft_replay: 'docs'; valid: corpus, sft, corpus_and_sft"),
     ("evaluation.if_evals=3", "evaluation: unknown keys ['if_evals']"),
     ("phases.cptt.max_steps=3", "phases: unknown keys ['cptt']"),
     ("phases.cpt.max_step=3", "phases.cpt: expected a mapping of config, max_steps, overrides; unknown keys ['max_step']"),
@@ -178,30 +178,60 @@ def test_after_sft_arms_unlearn_the_synthetic_arms_fine_tuned_model(prepared, tm
     assert "seed1/unlearn/unlearned_after_sft" in names and "seed0/unlearn/unlearned_after_sft" not in names
 
 
-def test_after_sft_replay_of_the_sft_data_changes_only_the_after_sft_phases(prepared, tmp_path):
-    """``data.after_sft_replay=sft``: the after-SFT phases replay the SFT file at the SFT phase's
-    max_length (its overrides', else its run config's); every other phase, including the pre-SFT
-    unlearning, is planned exactly as with the default ``corpus``."""
+@pytest.mark.parametrize("choice", ["sft", "corpus_and_sft"])
+def test_after_sft_replay_changes_only_the_after_sft_phases(prepared, tmp_path, choice):
+    """``data.after_sft_replay=sft``: the after-SFT phases replay the SFT file; ``corpus_and_sft``:
+    the corpus file and the SFT file, the latter repeated so each gives half the draws. Both at
+    the SFT phase's max_length (its overrides', else its run config's); every other phase,
+    including the pre-SFT unlearning, is planned exactly as with the default ``corpus``."""
     from synthunlearn.experiment.pipeline import AFTER_SFT_ARMS
 
     arms = f"arms=[docs_only,synthetic,unlearned,no_forget,{','.join(AFTER_SFT_ARMS)}]"
     cfg, data, model_dir = _data(prepared, tmp_path, arms, "seeds=[1]")
     corpus = {p.name: p for p in plan_phases(cfg, tmp_path, model_dir, data)}
     sft_yaml_length = yaml.safe_load((REPO / "configs/experiment/sft.yaml").read_text())["data"]["max_length"]
+    n_corpus, n_sft = len(_read(data["replay"])), len(_read(data["sft"]))
+    assert n_corpus != n_sft
+    replay = ({"data.replay.path": str(data["sft"])} if choice == "sft" else
+              {"data.replay.path": None, "data.replay.files": [
+                  {"path": str(data["replay"])}, {"path": str(data["sft"]), "repeat": round(n_corpus / n_sft, 6)}]})
     for sft_overrides, length in (("{}", sft_yaml_length), ("{data.max_length: 150}", 150)):
-        cfg, data, model_dir = _data(prepared, tmp_path, arms, "seeds=[1]", "data.after_sft_replay=sft",
+        cfg, data, model_dir = _data(prepared, tmp_path, arms, "seeds=[1]", f"data.after_sft_replay={choice}",
                                      f"phases.sft.overrides={sft_overrides}")
         replayed = {p.name: p for p in plan_phases(cfg, tmp_path, model_dir, data)}
         assert replayed.keys() == corpus.keys()
         for name, phase in replayed.items():
             if name.startswith("seed1/unlearn/") and name.endswith("_after_sft"):
-                assert phase.overrides == {**corpus[name].overrides, "data.replay.path": str(data["sft"]),
-                                           "data.max_length": length}, name
+                assert phase.overrides == {**corpus[name].overrides, **replay, "data.max_length": length}, name
                 assert corpus[name].overrides["data.replay.path"] == str(data["replay"]) != str(data["sft"])
             elif name.startswith("seed1/sft/") and length != sft_yaml_length:
                 assert phase.overrides == {**corpus[name].overrides, "data.max_length": 150}, name
             else:
                 assert phase.overrides == corpus[name].overrides, name
+
+
+def test_inputs_digest_reads_the_files_of_a_mixture(tmp_path):
+    """Each file of a ``data.replay.files`` list is part of a phase's inputs (rewriting one reruns
+    the phase), while a phase named by plain paths digests as it always did: its key, then its
+    file's bytes, so the stamps of finished phases stay valid."""
+    import hashlib
+
+    from synthunlearn.experiment.pipeline import Phase, inputs_digest
+
+    docs, chat = tmp_path / "docs.jsonl", tmp_path / "chat.jsonl"
+    docs.write_text('{"text": "a"}\n')
+    chat.write_text('{"messages": []}\n')
+
+    def digest(overrides):
+        return inputs_digest(Phase("p", "unlearn", tmp_path / "p", "c.yaml", 1, 0, overrides, []))
+
+    plain = {"data.replay.path": str(docs), "objective.kl_weight": 0}
+    assert digest(plain) == hashlib.sha1(b"data.replay.path" + docs.read_bytes()).hexdigest()
+    mixture = {"data.replay.path": None, "data.replay.files": [{"path": str(docs)}, {"path": str(chat), "repeat": 2.3}]}
+    before = digest(mixture)
+    assert before != digest({"data.replay.files": [{"path": str(docs)}]})
+    chat.write_text('{"messages": [{"role": "user", "content": "b"}]}\n')
+    assert digest(mixture) != before
 
 
 def test_predictions_are_computed_from_the_seed_means():
