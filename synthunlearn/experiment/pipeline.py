@@ -472,8 +472,8 @@ def inputs_digest(phase: Phase) -> str:
                      if isinstance(item, dict) and isinstance(item.get("path"), str)]
         else:
             continue
-        for label, value in named:
-            path = Path(value)
+        for label, named_path in named:
+            path = Path(named_path)
             target = path / "model.safetensors" if path.is_dir() else path
             if target.is_file():
                 digest.update(label.encode())
@@ -645,10 +645,12 @@ def _after_sft_replay(cfg: dict, data: Dict[str, Path]) -> Dict[str, object]:
     if choice == "corpus":
         return {}
     if choice == "sft":
-        return {"data.replay.path": str(data["sft"]), "data.max_length": _sft_max_length(cfg)}
-    share = len(_read_jsonl(data["replay"])) / len(_read_jsonl(data["sft"]))
-    return {"data.replay.path": None, "data.max_length": _sft_max_length(cfg),
-            "data.replay.files": [{"path": str(data["replay"])}, {"path": str(data["sft"]), "repeat": round(share, 6)}]}
+        replay = {"data.replay.path": str(data["sft"])}
+    else:
+        share = len(_read_jsonl(data["replay"])) / len(_read_jsonl(data["sft"]))
+        replay = {"data.replay.path": None, "data.replay.files": [
+            {"path": str(data["replay"])}, {"path": str(data["sft"]), "repeat": round(share, 6)}]}
+    return {"data.max_length": _sft_max_length(cfg), **replay}
 
 
 def _sft_max_length(cfg: dict) -> int:
