@@ -647,9 +647,10 @@ def _after_sft_replay(cfg: dict, data: Dict[str, Path]) -> Dict[str, object]:
     if choice == "sft":
         replay = {"data.replay.path": str(data["sft"])}
     else:
-        share = len(_read_jsonl(data["replay"])) / len(_read_jsonl(data["sft"]))
+        # Half the draws each: the SFT file repeats as often as the corpus outnumbers it.
+        repeat = len(_read_jsonl(data["replay"])) / len(_read_jsonl(data["sft"]))
         replay = {"data.replay.path": None, "data.replay.files": [
-            {"path": str(data["replay"])}, {"path": str(data["sft"]), "repeat": round(share, 6)}]}
+            {"path": str(data["replay"])}, {"path": str(data["sft"]), "repeat": round(repeat, 6)}]}
     return {"data.max_length": _sft_max_length(cfg), **replay}
 
 
