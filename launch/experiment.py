@@ -1,9 +1,12 @@
 """The paper's experiment end to end (see synthunlearn/experiment/pipeline.py).
 
     python launch/experiment.py [--config configs/experiment/demo.yaml] [key.sub=value ...]
+    python launch/experiment.py --config configs/experiment/demo_30m.yaml --print-config
 
 Runs (or reuses) every phase through the real launchers, evaluates each arm after SFT, writes
-<output_dir>/results.json, results.md and results.png, and prints the table.
+<output_dir>/results.json, results.md and results.png, and prints the table. --print-config prints
+the resolved configuration instead (defaults, the files the config extends, the config, the
+overrides) and runs nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(Path(__file__).resolve().parent.parent / "configs/experiment/demo.yaml"))
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="override experiment keys (seeds=[0], phases.sft.max_steps=20, launcher=python)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as YAML and exit without running anything")
     args = parser.parse_args(argv)
     from synthunlearn.experiment.pipeline import load_experiment_config, output_path, run_experiment
 
@@ -37,6 +42,10 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_experiment_config(args.config, args.overrides)
+        if args.print_config:
+            import yaml
+            print(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=110), end="")
+            return 0
         run_experiment(cfg, log=log)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -174,34 +174,70 @@ def _check_arch(arch) -> None:
         raise ConfigError(f"model.arch: unknown LlamaConfig fields {unknown}")
 
 
+def _check_sections(cfg: dict, where: str) -> None:
+    """The keys of the mapping sections (``where`` names the file or the overrides in errors)."""
+    for section in ("data", "evaluation", "model", "phases"):
+        if section not in cfg:
+            continue
+        if not isinstance(cfg[section], dict):
+            raise ConfigError(f"{where}: {section}: expected a mapping of {', '.join(DEFAULTS[section])}")
+        unknown = sorted(set(cfg[section]) - set(DEFAULTS[section]))
+        if unknown:
+            raise ConfigError(f"{where}: {section}: unknown keys {unknown}; valid: {', '.join(DEFAULTS[section])}")
+    for name, spec in (cfg.get("phases") or {}).items():
+        unknown = sorted(set(spec) - set(DEFAULTS["phases"][name])) if isinstance(spec, dict) else None
+        if unknown is None or unknown:
+            raise ConfigError(f"{where}: phases.{name}: expected a mapping of {', '.join(DEFAULTS['phases'][name])}"
+                              + (f"; unknown keys {unknown}" if unknown else ""))
+
+
+def read_experiment_file(path, _chain: tuple = ()) -> dict:
+    """One experiment config file as a mapping, with its ``extends`` chain resolved.
+
+    ``extends: other.yaml`` (relative to this file's folder, or absolute) reads that file first
+    and merges this one over it: a mapping merges key by key, at any depth, and anything else
+    (a list included: ``seeds``, ``arms``, a constraint list) replaces the inherited value. So a
+    file that scales another states only what it changes, and its ``what differs`` comment is
+    true by construction. The parent may extend a file in turn; a cycle is an error.
+    """
+    from synthunlearn.config import read_yaml
+
+    path = Path(path)
+    here = path.resolve()
+    if here in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(here):], here))
+        raise ConfigError(f"{path}: extends forms a cycle: {cycle}")
+    data = read_yaml(path)
+    unknown = sorted(set(data) - set(DEFAULTS) - {"extends"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; valid: extends, {', '.join(DEFAULTS)}")
+    _check_sections(data, str(path))
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"{path}: extends: expected the path of another experiment config, got {parent!r}")
+    parent_path = Path(parent) if Path(parent).is_absolute() else path.parent / parent
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: extends: {parent!r}: no such file ({parent_path})")
+    return _merge(read_experiment_file(parent_path, (*_chain, here)), data)
+
+
 def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
-    """DEFAULTS <- YAML file <- ``key.sub=value`` overrides (values parsed as YAML)."""
+    """DEFAULTS <- YAML file (after the files it extends) <- ``key.sub=value`` overrides (values
+    parsed as YAML)."""
     cfg = copy.deepcopy(DEFAULTS)
     if path:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        unknown = sorted(set(data) - set(DEFAULTS))
-        if unknown:
-            raise ConfigError(f"{path}: unknown keys {unknown}; valid: {', '.join(DEFAULTS)}")
-        cfg = _merge(cfg, data)
+        cfg = _merge(cfg, read_experiment_file(path))
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or key.split(".")[0] not in DEFAULTS:
             raise ConfigError(f"override {item!r}: expected key.sub=value with a key of {', '.join(DEFAULTS)}")
         _set_dotted(cfg, key, yaml.safe_load(raw))
-    for section in ("data", "evaluation", "model", "phases"):
-        unknown = sorted(set(cfg[section]) - set(DEFAULTS[section]))
-        if unknown:
-            raise ConfigError(f"{section}: unknown keys {unknown}; valid: {', '.join(DEFAULTS[section])}")
-    for name, spec in cfg["phases"].items():
-        unknown = sorted(set(spec) - set(DEFAULTS["phases"][name])) if isinstance(spec, dict) else None
-        if unknown is None or unknown:
-            raise ConfigError(f"phases.{name}: expected a mapping of {', '.join(DEFAULTS['phases'][name])}"
-                              + (f"; unknown keys {unknown}" if unknown else ""))
+    _check_sections(cfg, "overrides")
     _check_arch(cfg["model"].get("arch") or {})
     if cfg["reuse_from"] is not None:
         source = output_path(cfg["reuse_from"])

@@ -70,6 +70,88 @@ def test_reuse_from_must_be_another_directory(tmp_path):
         load_experiment_config(None, [f"output_dir={tmp_path}", f"reuse_from={tmp_path}/."])
 
 
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_extends_merges_each_file_over_the_one_it_names(tmp_path):
+    """A chain of three files, each naming its parent relative to its own folder: mappings merge
+    at every depth, lists replace, and command-line overrides still come last."""
+    _write(tmp_path / "base" / "grand.yaml",
+           "seeds: [0, 1, 2, 3]\narms: [docs_only, synthetic, unlearned]\n"
+           "world: {n_people: 400, test_constraints: [min_words, quoted]}\n"
+           "phases:\n  base: {max_steps: 480, overrides: {data.max_length: 128}}\n"
+           "  unlearn: {max_steps: 60, overrides: {data.max_length: 128, optimisation.lr: 1.0e-3}}\n")
+    _write(tmp_path / "parent.yaml", "extends: base/grand.yaml\nseeds: [5]\nworld: {n_people: 500}\n"
+                                     "phases: {base: {max_steps: 1344}}\n")
+    child = _write(tmp_path / "sub" / "child.yaml",
+                   "extends: ../parent.yaml\nworld: {test_constraints: [bullet_list]}\n"
+                   "phases: {unlearn: {overrides: {optimisation.lr: 5.0e-4}}}\n")
+    cfg = load_experiment_config(child, ["phases.base.max_steps=7"])
+    assert cfg["seeds"] == [5] and cfg["arms"] == ["docs_only", "synthetic", "unlearned"]
+    assert cfg["world"]["n_people"] == 500 and cfg["world"]["test_constraints"] == ["bullet_list"]
+    assert cfg["phases"]["base"] == {"config": "configs/experiment/pretrain.yaml", "max_steps": 7,
+                                     "overrides": {"data.max_length": 128}}
+    assert cfg["phases"]["unlearn"]["overrides"] == {"data.max_length": 128, "optimisation.lr": 5.0e-4}
+    assert cfg["phases"]["unlearn"]["max_steps"] == 60
+    assert "extends" not in cfg
+
+
+@pytest.mark.parametrize("files,message", [
+    ({"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"}, "a.yaml: extends forms a cycle: "),
+    ({"a.yaml": "extends: a.yaml\n"}, "a.yaml: extends forms a cycle: "),
+    ({"a.yaml": "extends: nope.yaml\n"}, "a.yaml: extends: 'nope.yaml': no such file"),
+    ({"a.yaml": "extends: [b.yaml]\n"}, "a.yaml: extends: expected the path of another experiment config"),
+    ({"a.yaml": "extends: b.yaml\n", "b.yaml": "seeds: [0]\nsteps: 3\n"}, "b.yaml: unknown keys ['steps']"),
+    ({"a.yaml": "extends: b.yaml\n", "b.yaml": "data: {synthetic_fromat: chat}\n"},
+     "b.yaml: data: unknown keys ['synthetic_fromat']"),
+    ({"a.yaml": "extends: b.yaml\n", "b.yaml": "phases: {cpt: {max_step: 3}}\n"},
+     "b.yaml: phases.cpt: expected a mapping of config, max_steps, overrides; unknown keys ['max_step']"),
+    ({"a.yaml": "extends: b.yaml\n", "b.yaml": "seeds: [0\narms: []\n"}, "b.yaml:2: invalid YAML"),
+])
+def test_extends_errors_name_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    with pytest.raises(ConfigError) as error:
+        load_experiment_config(tmp_path / "a.yaml", [])
+    assert message in str(error.value)
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        import experiment as launcher
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    config = REPO / "configs" / "experiment" / "demo_30m.yaml"
+    out = tmp_path / "never-written"
+    assert launcher.main(["--config", str(config), "--print-config", f"output_dir={out}", "seeds=[3]"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == load_experiment_config(config, [f"output_dir={out}", "seeds=[3]"])
+    assert printed["seeds"] == [3] and printed["model"]["arch"]["hidden_size"] == 512
+    assert not out.exists()
+
+
+def test_scaled_study_configs_keep_the_settings_they_inherit():
+    """demo_14m.yaml extends demo_5m.yaml and demo_30m.yaml extends demo_14m.yaml: each states
+    only its model, world sizes and steps, and inherits the measured study settings."""
+    def resolved(name):
+        return load_experiment_config(REPO / "configs" / "experiment" / name, [])
+
+    five, fourteen, thirty = resolved("demo_5m.yaml"), resolved("demo_14m.yaml"), resolved("demo_30m.yaml")
+    for cfg in (fourteen, thirty):
+        for section in ("data", "evaluation"):
+            assert cfg[section] == five[section]
+        assert cfg["phases"]["unlearn"] == five["phases"]["unlearn"] and cfg["phases"]["sft"] == five["phases"]["sft"]
+        world = {k: v for k, v in cfg["world"].items()
+                 if k not in ("n_people", "pretrain_instruction_people", "n_pretrain_instructions")}
+        assert world == five["world"]
+    assert [c["model"]["arch"]["hidden_size"] for c in (five, fourteen, thirty)] == [256, 384, 512]
+    assert [c["phases"]["base"]["max_steps"] for c in (five, fourteen, thirty)] == [480, 1344, 2976]
+
+
 def test_mapping_overrides_merge_into_the_defaults():
     cfg = load_experiment_config(None, ["evaluation={if_eval: 8, batch_size: 4}", "model.arch={hidden_size: 48}"])
     assert cfg["evaluation"]["if_eval"] == 8 and cfg["evaluation"]["batch_size"] == 4
@@ -326,12 +408,12 @@ def test_world_written_by_older_code_is_rewritten(prepared):
 
 
 def _shipped_experiment_configs() -> list:
-    """Every experiment config in configs/experiment (the files with phases; the others are the
-    phases' run configs), so a new one is checked without being listed here."""
+    """Every experiment config in configs/experiment (the files with phases or extending another;
+    the others are the phases' run configs), so a new one is checked without being listed here."""
     import yaml
     from synthunlearn.experiment.pipeline import REPO
     return sorted(p.name for p in (REPO / "configs" / "experiment").glob("*.yaml")
-                  if "phases" in (yaml.safe_load(p.read_text()) or {}))
+                  if {"phases", "extends"} & set(yaml.safe_load(p.read_text()) or {}))
 
 
 @pytest.mark.parametrize("name", _shipped_experiment_configs())
