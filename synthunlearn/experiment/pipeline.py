@@ -196,9 +196,9 @@ def read_experiment_file(path, _chain: tuple = ()) -> dict:
 
     ``extends: other.yaml`` (relative to this file's folder, or absolute) reads that file first
     and merges this one over it: a mapping merges key by key, at any depth, and anything else
-    (a list included: ``seeds``, ``arms``, a constraint list) replaces the inherited value. So a
-    file that scales another states only what it changes, and its ``what differs`` comment is
-    true by construction. The parent may extend a file in turn; a cycle is an error.
+    (a list included: ``seeds``, ``arms``, a constraint list) replaces the inherited value, so a
+    file that scales another states only what it changes. The parent may extend a file in turn;
+    a cycle is an error. Each file's keys are checked as it is read, so an error names its file.
     """
     from synthunlearn.config import read_yaml
 
