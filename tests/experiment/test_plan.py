@@ -120,11 +120,11 @@ def test_extends_errors_name_the_file(tmp_path, files, message):
 
 
 def test_print_config_prints_the_resolved_config_and_runs_nothing(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        import experiment as launcher
-    finally:
-        sys.path.remove(str(REPO / "launch"))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_experiment", REPO / "launch" / "experiment.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
     config = REPO / "configs" / "experiment" / "demo_30m.yaml"
     out = tmp_path / "never-written"
     assert launcher.main(["--config", str(config), "--print-config", f"output_dir={out}", "seeds=[3]"]) == 0
