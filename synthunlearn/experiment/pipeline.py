@@ -26,7 +26,8 @@ unlearn/<arm>   (``unlearned_after_sft``, ``no_forget_after_sft``) the ``unlearn
                 phase run on sft/synthetic instead of cpt/synthetic, KL to sft/synthetic, and
                 evaluated as it ends (no second SFT): the repair of a model already fine-tuned;
                 ``data.after_sft_replay`` replays the SFT data there (``sft``) or both it and
-                the corpus (``corpus_and_sft``) instead of the corpus
+                the corpus (``corpus_and_sft``) instead of the corpus; ``phases.unlearn_after_sft``
+                sets its steps or run-config overrides (the rate) apart from the pre-SFT phase's
 eval/<arm>      :func:`synthunlearn.evaluation.suite.evaluate_model` on capped evaluation sets,
                 of each arm's last phase
 ==============  =================================================================================
@@ -86,8 +87,9 @@ UNLEARN_ARMS = {
 }
 # Unlearning applied after SFT, to the synthetic arm's fine-tuned model: the case of a team that
 # finds the pattern in a model it has already fine-tuned. Each is the named pre-SFT arm's phase
-# (same objective, data, steps, rate, seed) with only its starting model (and so its KL
-# reference) moved from cpt/synthetic to sft/synthetic; it is evaluated as it ends, with no
+# (same objective, data, steps, rate, seed, unless data.after_sft_replay or
+# phases.unlearn_after_sft says otherwise) with its starting model (and so its KL reference)
+# moved from cpt/synthetic to sft/synthetic; it is evaluated as it ends, with no
 # second SFT, so its contrast with `synthetic` is what the repair adds to the same fine-tuned model.
 AFTER_SFT_ARMS = {"unlearned_after_sft": "unlearned", "no_forget_after_sft": "no_forget"}
 ALL_ARMS = ("docs_only", "synthetic") + tuple(UNLEARN_ARMS) + tuple(AFTER_SFT_ARMS)
@@ -128,6 +130,13 @@ DEFAULTS = {
         "cpt": {"config": "configs/experiment/pretrain.yaml", "max_steps": 100, "overrides": {}},
         "unlearn": {"config": "configs/experiment/unlearn.yaml", "max_steps": 30, "overrides": {}},
         "sft": {"config": "configs/experiment/sft.yaml", "max_steps": 40, "overrides": {}},
+        # The after-SFT arms' unlearning: a null config or max_steps is the unlearn phase's, and
+        # these overrides merge over the unlearn phase's (phase_spec). A fine-tuned model may
+        # want a gentler step than the pre-SFT repair, e.g. `overrides: {optimisation.lr: 3e-4}`.
+        # As in every phase, what the pipeline sets per arm comes on top: the model and data
+        # paths, the arm's objective terms, and with data.after_sft_replay other than `corpus`
+        # the SFT phase's data.max_length.
+        "unlearn_after_sft": {"config": None, "max_steps": None, "overrides": {}},
     },
     "evaluation": {"if_eval": 120, "neutral_prompts": 40, "knowledge_mc": 200, "heldout_docs": 60,
                    "bare_questions": 80, "max_new_tokens": 64, "batch_size": 32, "threads": 2,
@@ -189,6 +198,22 @@ def _check_sections(cfg: dict, where: str) -> None:
         if unknown is None or unknown:
             raise ConfigError(f"{where}: phases.{name}: expected a mapping of {', '.join(DEFAULTS['phases'][name])}"
                               + (f"; unknown keys {unknown}" if unknown else ""))
+
+
+def _check_phase_values(phases: dict) -> None:
+    """Each phase's ``max_steps`` a positive integer, ``config`` a path and ``overrides`` a mapping
+    (``unlearn_after_sft`` may leave the first two null: the ``unlearn`` phase's)."""
+    for name, spec in phases.items():
+        inherits = name == "unlearn_after_sft"
+        steps, config, overrides = spec.get("max_steps"), spec.get("config"), spec.get("overrides")
+        if not (steps is None and inherits) and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ConfigError(f"phases.{name}.max_steps: {steps!r}; expected a positive integer"
+                              + (" or null (the unlearn phase's)" if inherits else ""))
+        if not (config is None and inherits) and (not isinstance(config, str) or not config.strip()):
+            raise ConfigError(f"phases.{name}.config: {config!r}; expected the path of a run config"
+                              + (" or null (the unlearn phase's)" if inherits else ""))
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ConfigError(f"phases.{name}.overrides: {overrides!r}; expected a mapping of run-config keys")
 
 
 def read_experiment_file(path, _chain: tuple = ()) -> dict:
@@ -261,6 +286,7 @@ def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
         raise ConfigError("launcher: must be 'deepspeed' or 'python'")
     if not cfg["seeds"]:
         raise ConfigError("seeds: at least one seed")
+    _check_phase_values(cfg["phases"])
     evaluation_device(cfg)
     world_config(cfg)
     return cfg
@@ -611,13 +637,26 @@ def run_phase(cfg: dict, phase: Phase, log) -> float:
 # ----------------------------------------------------------------------------------------------
 # The plan
 
+def phase_spec(cfg: dict, kind: str) -> dict:
+    """``phases.<kind>`` with ``unlearn_after_sft`` resolved: its null ``config`` / ``max_steps``
+    are the ``unlearn`` phase's and its ``overrides`` merge over the ``unlearn`` phase's, so an
+    experiment that leaves it unset plans exactly the phases (and digests) it planned before."""
+    spec = cfg["phases"][kind]
+    if kind != "unlearn_after_sft":
+        return spec
+    base = cfg["phases"]["unlearn"]
+    return {"config": spec.get("config") or base["config"],
+            "max_steps": spec.get("max_steps") or base["max_steps"],
+            "overrides": {**(base.get("overrides") or {}), **(spec.get("overrides") or {})}}
+
+
 def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) -> List[Phase]:
     ph = cfg["phases"]
     arms = list(cfg["arms"])
     phases: List[Phase] = []
 
     def phase(name, job, kind, out_dir, seed, overrides, deps, steps=None, evaluated=False):
-        spec = ph[kind]
+        spec = phase_spec(cfg, kind)
         merged = dict(spec.get("overrides") or {})
         merged.update(overrides)
         phases.append(Phase(name, job, out_dir, str(REPO / spec["config"]) if not Path(spec["config"]).is_absolute()
@@ -646,8 +685,8 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
             phase(f"seed{seed}/cpt/{arm}", "sft", "cpt", out / f"seed{seed}" / "cpt" / arm, seed,
                   {"model.path": str(base_dir / "final"), "data.sft.path": str(data[f"cpt_{arm}"])}, [base_name],
                   steps=cpt_steps[arm])
-        def unlearn(arm, extra, start, evaluated=False):
-            phase(f"seed{seed}/unlearn/{arm}", "unlearn", "unlearn", out / f"seed{seed}" / "unlearn" / arm, seed,
+        def unlearn(arm, extra, start, evaluated=False, kind="unlearn"):
+            phase(f"seed{seed}/unlearn/{arm}", "unlearn", kind, out / f"seed{seed}" / "unlearn" / arm, seed,
                   {"model.path": str(out / start / "final"), "data.forget.path": str(data["forget"]),
                    "data.replay.path": str(data["replay"]), **extra}, [start], evaluated=evaluated)
 
@@ -670,7 +709,7 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
                   evaluated=True)
         for arm in after_sft:
             unlearn(arm, {**UNLEARN_ARMS[AFTER_SFT_ARMS[arm]], **after_sft_replay}, f"seed{seed}/sft/synthetic",
-                    evaluated=True)
+                    evaluated=True, kind="unlearn_after_sft")
     return phases
 
 

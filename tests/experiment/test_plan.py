@@ -49,6 +49,12 @@ def _data(prepared, tmp_path, *overrides):
     ("phases.cptt.max_steps=3", "phases: unknown keys ['cptt']"),
     ("phases.cpt.max_step=3", "phases.cpt: expected a mapping of config, max_steps, overrides; unknown keys ['max_step']"),
     ("phases.sft=30", "phases.sft: expected a mapping of config, max_steps, overrides"),
+    ("phases.sft.max_steps=0", "phases.sft.max_steps: 0; expected a positive integer"),
+    ("phases.cpt.max_steps=null", "phases.cpt.max_steps: None; expected a positive integer"),
+    ("phases.unlearn_after_sft.max_steps=2.5", "phases.unlearn_after_sft.max_steps: 2.5; expected a positive "
+                                                "integer or null (the unlearn phase's)"),
+    ("phases.unlearn.config=null", "phases.unlearn.config: None; expected the path of a run config"),
+    ("phases.unlearn_after_sft.overrides=[3]", "phases.unlearn_after_sft.overrides: [3]; expected a mapping"),
     ("model.vocab=512", "model: unknown keys ['vocab']"),
     ("model.arch={hiden_size: 64}", "model.arch: unknown LlamaConfig fields ['hiden_size']"),
     ("world.n_peeple=300", "unknown key 'world.n_peeple'; valid keys under world: seed, n_people"),
@@ -260,6 +266,35 @@ def test_after_sft_arms_unlearn_the_synthetic_arms_fine_tuned_model(prepared, tm
     assert "seed1/unlearn/unlearned_after_sft" in names and "seed0/unlearn/unlearned_after_sft" not in names
 
 
+def test_unlearn_after_sft_phase_settings_change_only_the_after_sft_phases(prepared, tmp_path):
+    """``phases.unlearn_after_sft`` left unset plans the after-SFT phases from ``phases.unlearn``
+    (the same commands as before it existed); its ``max_steps`` and ``overrides`` (merged over the
+    unlearn phase's) then change those phases alone, and the pre-SFT unlearning keeps its own."""
+    from synthunlearn.experiment.pipeline import AFTER_SFT_ARMS, launcher_command
+
+    arms = f"arms=[docs_only,synthetic,unlearned,no_forget,{','.join(AFTER_SFT_ARMS)}]"
+    common = [arms, "seeds=[1]", "phases.unlearn.max_steps=7",
+              "phases.unlearn.overrides={optimisation.lr: 1.0e-3, data.max_length: 96}"]
+    cfg, data, model_dir = _data(prepared, tmp_path, *common)
+    inherited = {p.name: p for p in plan_phases(cfg, tmp_path, model_dir, data)}
+    for arm, before in AFTER_SFT_ARMS.items():
+        after, pre = inherited[f"seed1/unlearn/{arm}"], inherited[f"seed1/unlearn/{before}"]
+        assert after.max_steps == pre.max_steps == 7 and after.config == pre.config
+        assert after.overrides["optimisation.lr"] == 1.0e-3 and after.overrides["data.max_length"] == 96
+    cfg, data, model_dir = _data(prepared, tmp_path, *common, "phases.unlearn_after_sft.max_steps=5",
+                                 "phases.unlearn_after_sft.overrides={optimisation.lr: 2.5e-4}")
+    gentle = {p.name: p for p in plan_phases(cfg, tmp_path, model_dir, data)}
+    assert gentle.keys() == inherited.keys()
+    for name, phase in gentle.items():
+        if name.endswith("_after_sft"):
+            was = inherited[name]
+            assert phase.max_steps == 5 and phase.overrides == {**was.overrides, "optimisation.lr": 2.5e-4}
+            assert list(phase.overrides) == list(was.overrides), "key order (and so the command) kept"
+            assert "optimisation.lr=0.00025" in launcher_command(cfg, phase)
+        else:
+            assert (phase.max_steps, phase.overrides) == (inherited[name].max_steps, inherited[name].overrides)
+
+
 @pytest.mark.parametrize("choice", ["sft", "corpus_and_sft"])
 def test_after_sft_replay_changes_only_the_after_sft_phases(prepared, tmp_path, choice):
     """``data.after_sft_replay=sft``: the after-SFT phases replay the SFT file; ``corpus_and_sft``:
@@ -422,10 +457,11 @@ def test_shipped_experiment_configs_are_valid_run_configs(name):
     validation, and the number of ranks divides every global batch (a typo or a bad size would
     otherwise surface hours into a GPU run)."""
     from synthunlearn.config import load_config
-    from synthunlearn.experiment.pipeline import REPO, _overrides
+    from synthunlearn.experiment.pipeline import REPO, _overrides, phase_spec
 
     cfg = load_experiment_config(REPO / "configs" / "experiment" / name, [])
-    for phase_name, spec in cfg["phases"].items():
+    for phase_name in cfg["phases"]:
+        spec = phase_spec(cfg, phase_name)
         run = load_config(REPO / spec["config"], _overrides(spec["overrides"]))
         for set_name in ("sft", "forget", "replay", "kl"):
             src = getattr(run.data, set_name)
