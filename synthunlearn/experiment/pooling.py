@@ -27,8 +27,9 @@ from typing import Dict, List, Sequence, Tuple
 
 from synthunlearn.errors import ConfigError, DataError
 
-# Config keys that differ between runs of one study without changing any trained model.
-RUN_ONLY_KEYS = ("output_dir", "seeds", "ablation_seeds", "arms", "parallel_jobs", "omp_threads")
+# Config keys that differ between runs of one study without changing any trained model
+# (``reuse_from`` only says where finished phases were taken from: same commands, same inputs).
+RUN_ONLY_KEYS = ("output_dir", "reuse_from", "seeds", "ablation_seeds", "arms", "parallel_jobs", "omp_threads")
 
 
 def _flatten(value, prefix: str = "") -> Dict[str, object]:
@@ -56,9 +57,16 @@ def load_run(run_dir) -> dict:
     return results
 
 
+def _comparable(config: dict) -> Dict[str, object]:
+    """A run's config flattened, over today's defaults: a key added to the pipeline after the run
+    was written has the default that keeps the old behaviour, so its absence is not a difference."""
+    from synthunlearn.experiment.pipeline import DEFAULTS, _merge
+
+    return {k: v for k, v in _flatten(_merge(DEFAULTS, config)).items() if k.split(".")[0] not in RUN_ONLY_KEYS}
+
+
 def _check_same_experiment(reference: dict, other: dict) -> None:
-    ref = {k: v for k, v in _flatten(reference["config"]).items() if k.split(".")[0] not in RUN_ONLY_KEYS}
-    new = {k: v for k, v in _flatten(other["config"]).items() if k.split(".")[0] not in RUN_ONLY_KEYS}
+    ref, new = _comparable(reference["config"]), _comparable(other["config"])
     for key in sorted(set(ref) | set(new)):
         if ref.get(key, "<absent>") != new.get(key, "<absent>"):
             raise ConfigError(

@@ -78,6 +78,23 @@ def test_runs_of_different_experiments_do_not_pool(two_runs, tmp_path):
     assert not (tmp_path / "pooled").exists()          # nothing written on a refusal
 
 
+def test_runs_branched_with_reuse_from_or_written_before_a_new_key_pool(two_runs, tmp_path):
+    """``reuse_from`` trains nothing differently, and a run written before a config key existed
+    ran with the default that key now has: neither is a different experiment."""
+    a, b, _, _ = two_runs
+    c = _write_run(tmp_path / "c", [7], {"docs_only": {7: _metrics(0.3, 0.3, 0.0)}}, f"reuse_from={a}")
+    old = json.loads((b / "results.json").read_text())
+    del old["config"]["phases"]["unlearn_after_sft"]
+    write_json(b / "results.json", old)
+    results, _ = pool_run_dirs([a, b, c], tmp_path / "pooled")
+    assert results["seeds"] == [0, 1, 5, 7]
+    # A key set away from its default still differs from a run that lacks it.
+    d = _write_run(tmp_path / "d", [8], {"docs_only": {8: _metrics(0.3, 0.3, 0.0)}},
+                   "phases.unlearn_after_sft.max_steps=9")
+    with pytest.raises(ConfigError, match="config key 'phases.unlearn_after_sft.max_steps' is 9 but .* has None"):
+        pool_run_dirs([b, d], tmp_path / "pooled2")
+
+
 def test_a_seed_from_two_runs_is_refused(two_runs, tmp_path):
     a, _, first, _ = two_runs
     again = _write_run(tmp_path / "again", [1], {"synthetic": {1: _metrics(0.4, 0.47, 0.3)}})
