@@ -2,7 +2,8 @@
 #   make demo   set up, then run the paper's experiment in miniature (docs/experiment.md)
 #   make test   set up, then run the whole test suite (what CI runs)
 # The virtualenv lives in .venv; torch is installed first and pinned to the CPU/CUDA build on the
-# machine's local index (2.13.0), so the package's torch range installs nothing more.
+# machine's local index (2.13.0), so the package's torch range installs nothing more. Every other
+# package is held to constraints.txt, so each machine and each day installs the same versions.
 
 PYTHON ?= python3
 VENV := .venv
@@ -18,11 +19,11 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 test: setup

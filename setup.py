@@ -1,8 +1,9 @@
 """Packaging for synthunlearn.
 
-Versions are pinned to the ranges this project is tested with. torch is installed first by
-``make setup`` (``torch==2.13.0``, the CPU build on CI machines); the range below admits it so pip
-does not replace it with another build.
+Versions are pinned to the ranges this project is tested with; constraints.txt holds the exact
+version of every package, transitive ones too, that ``make setup`` installs. torch is installed
+first by ``make setup`` (``torch==2.13.0``, the CPU build on CI machines); the range below admits
+it so pip does not replace it with another build.
 """
 from setuptools import find_namespace_packages, setup
 
@@ -17,7 +18,7 @@ setup(
     packages=find_namespace_packages(include=["synthunlearn", "synthunlearn.*"]),
     package_data={"synthunlearn": ["assets/**/*"]},
     include_package_data=True,
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # transformers 5.23 and matplotlib 3.11 need it
     install_requires=[
         "torch>=2.13,<2.15",
         "deepspeed==0.19.8",
