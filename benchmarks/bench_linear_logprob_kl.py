@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from synthunlearn import environment  # noqa: E402
 from synthunlearn.ops.memory_probe import peak_cpu_allocated_bytes  # noqa: E402
 from synthunlearn.ops.torch_reference import linear_logprob_kl_torch  # noqa: E402
 
@@ -200,19 +200,8 @@ def bench_one(name, shape, with_ref, args):
 
 # ----------------------------------------------------------------------------- driver
 def _machine():
-    info = dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
-                platform=platform.platform())
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info["cpus"] = os.cpu_count()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+    """synthunlearn.environment's record (commit, packages, CPU/GPU) plus this process's threads."""
+    return dict(environment.describe(), threads=torch.get_num_threads())
 
 
 def _parse_shapes(text):

@@ -51,7 +51,9 @@ Output: ``<output_dir>/results.json`` (``{"seeds", "wall_seconds", "compute_seco
 {metric: {"mean", "std", "n"}}}, "per_seed": ..., "paired": {"a - b": {metric: {"mean", "se",
 "ci_low", "ci_high", "n", "a_higher", "b_higher", "ties", "seeds"}}}, ...}``), ``results.md`` and ``results.png``.
 ``wall_seconds`` is this invocation's; ``compute_seconds`` sums the recorded wall time of every
-phase and evaluation, including those a resumed invocation reused (``reused``).
+phase and evaluation, including those a resumed invocation reused (``reused``). ``environment`` is
+this invocation's commit, package versions and host (:mod:`synthunlearn.environment`); every
+phase.json records the one that trained it, and ``phase_environments`` groups the phases by it.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import yaml
 
+from synthunlearn import environment
 from synthunlearn.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -600,7 +603,7 @@ def adopt_phase(phase: Phase, command: List[str], out: Path, source: Path) -> bo
         shutil.copy2(src_log, phase.out_dir.parent / src_log.name)
     (phase.out_dir / "phase.json").write_text(json.dumps(
         {"command": command, "inputs": recorded["inputs"], "seconds": recorded.get("seconds", 0.0),
-         "reused_from": str(src_dir)}, indent=1))
+         "reused_from": str(src_dir), "environment": recorded.get("environment")}, indent=1))
     return True
 
 
@@ -628,8 +631,11 @@ def run_phase(cfg: dict, phase: Phase, log) -> float:
     if proc.returncode != 0 or not (phase.out_dir / "final" / "config.json").exists():
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{phase.name}: {' '.join(concrete)} exited {proc.returncode}\n{tail}")
+    # What trained this phase (commit, package versions, host): a reused phase keeps its own, so
+    # a results.json assembled from several invocations still says where each model came from.
     (phase.out_dir / "phase.json").write_text(json.dumps({"command": command, "inputs": inputs_digest(phase),
-                                                          "seconds": seconds}, indent=1))
+                                                          "seconds": seconds, "environment": environment.describe()},
+                                                         indent=1))
     log(f"{phase.name}: done in {seconds:.0f} s")
     return seconds
 
@@ -1048,10 +1054,19 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
         "per_seed": {arm: {str(s): m for s, m in sorted(runs.items())} for arm, runs in per_seed.items()},
         "phase_seconds": recorded,
         "unlearning": unlearning,
+        "environment": environment.describe(),
+        "phase_environments": phase_environments(phases),
         "config": cfg,
     }
     write_outputs(results, out)
     return results
+
+
+def phase_environments(phases) -> List[dict]:
+    """The distinct environments that trained the phases (each phase.json's), with their phases."""
+    return environment.group_by_environment(
+        (phase.name, json.loads((phase.out_dir / "phase.json").read_text()).get("environment"))
+        for phase in phases)
 
 
 def _partial_arm_notes(results: dict) -> List[str]:
@@ -1066,6 +1081,20 @@ def _partial_arm_notes(results: dict) -> List[str]:
     return notes
 
 
+def environment_notes(results: dict) -> List[str]:
+    """results.md lines naming what trained the models: one line when a single environment trained
+    every phase, else one per environment with how many phases it trained."""
+    groups = results.get("phase_environments") or []
+    if len(groups) == 1 and groups[0]["environment"] is not None:
+        return [f"trained on: {environment.summary(groups[0]['environment'])}"]
+    lines = []
+    for group in groups:
+        what = environment.summary(group["environment"]) if group["environment"] else "not recorded"
+        count = len(group["phases"])
+        lines.append(f"- {count} phase{'s' if count != 1 else ''} trained on: {what}")
+    return lines
+
+
 def write_outputs(results: dict, out: Path) -> str:
     from synthunlearn.evaluation.report import comparison_table, paired_table, plot_headline, write_json
 
@@ -1077,6 +1106,7 @@ def write_outputs(results: dict, out: Path) -> str:
     else:
         header = [f"seeds {results['seeds']}; mean ± std over seeds; wall time {results['wall_seconds']:.0f} s "
                   f"(this invocation); {results.get('compute_seconds', 0):.0f} s of phases and evaluations in all"]
+    header += environment_notes(results)
     lines = header + _partial_arm_notes(results) + ["", table, ""]
     for key, value in results.get("predictions", {}).items():
         lines.append(f"- {key}: {value:.3f}" if isinstance(value, float) and not isinstance(value, bool)

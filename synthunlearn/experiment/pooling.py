@@ -13,7 +13,8 @@ metrics into one summary, as if one invocation had run every seed:
   summation order on the same code, which is what makes the seeds exchangeable.
 
 The pooled ``results.json`` has the schema of a run's (``arms``, ``predictions``, ``paired``,
-``per_seed``, ``unlearning``) plus ``pooled_from``; its ``compute_seconds`` sums the runs'. The
+``per_seed``, ``unlearning``, ``phase_environments`` with each phase named by its run directory)
+plus ``pooled_from``; its ``compute_seconds`` sums the runs'. The
 paired IF contrasts carry the prompt-sampling error when every pooled seed's evaluation is still
 in its run directory (same configs, so the same prompts).
 """
@@ -25,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
+from synthunlearn import environment
 from synthunlearn.errors import ConfigError, DataError
 
 # Config keys that differ between runs of one study without changing any trained model
@@ -118,6 +120,9 @@ def pool_runs(runs: Sequence[dict]) -> dict:
         "paired": paired_contrasts(per_seed, prompt_hits),
         "per_seed": {arm: {str(s): m for s, m in sorted(runs_.items())} for arm, runs_ in per_seed.items()},
         "unlearning": unlearning,
+        "phase_environments": environment.group_by_environment(
+            (f"{Path(run['_path']).parent}/{name}", group["environment"])
+            for run in runs for group in run.get("phase_environments") or [] for name in group["phases"]),
         "config": cfg,
     }
 

@@ -27,4 +27,8 @@ def test_quick_benchmark_writes_json(tmp_path):
     for name in ("cpu", "chunked", "torch"):
         row = rows[name]
         assert row["time_ms"] > 0 and row["peak_extra_mib"] > 0 and row["tflops"] > 0, row
-    assert "torch" in result["machine"] and "time ms" in proc.stdout
+    import torch
+
+    machine = result["machine"]
+    assert machine["packages"]["torch"] == torch.__version__ and machine["threads"] >= 1, machine
+    assert "commit" in machine and "time ms" in proc.stdout

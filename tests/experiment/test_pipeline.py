@@ -68,6 +68,14 @@ def test_pipeline_smoke_writes_results_schema(tmp_path):
         command = json.loads((out / phase / "phase.json").read_text())["command"]
         assert "--num_gpus" in command and command[command.index("--num_gpus") + 1] == "2"
     assert "docs_only" in proc.stdout and "unlearned" in proc.stdout
+    # What trained the models: one environment (this checkout and venv) stamped on every phase.
+    import torch
+
+    env = results["environment"]
+    assert env["packages"]["torch"] == torch.__version__ and env["cpus"] >= 1 and "commit" in env
+    assert [group["environment"] for group in results["phase_environments"]] == [env]
+    assert set(results["phase_environments"][0]["phases"]) >= {"base", "seed0/sft/unlearned"}
+    assert f"trained on: commit {str(env['commit'])[:12]}" in (out / "results.md").read_text()
 
     # A rerun reuses every phase and evaluation (resumable, cheap).
     again = _run([f"output_dir={out}", *SMOKE], timeout=300)
@@ -95,8 +103,9 @@ def test_pipeline_smoke_writes_results_schema(tmp_path):
         assert same_results["per_seed"][arm] == results["per_seed"][arm]
     model = "seed0/cpt/synthetic/final/model.safetensors"
     assert (same / model).stat().st_ino == (out / model).stat().st_ino   # linked, not copied
-    assert json.loads((same / "seed0/cpt/synthetic/phase.json").read_text())["reused_from"] == str(
-        out / "seed0/cpt/synthetic")
+    adopted = json.loads((same / "seed0/cpt/synthetic/phase.json").read_text())
+    assert adopted["reused_from"] == str(out / "seed0/cpt/synthetic")
+    assert adopted["environment"] == json.loads((out / "seed0/cpt/synthetic/phase.json").read_text())["environment"]
 
     branch = tmp_path / "sft3"
     proc = _run([f"output_dir={branch}", f"reuse_from={out}", *SMOKE, "arms=[docs_only,unlearned]",

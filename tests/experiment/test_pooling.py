@@ -22,11 +22,17 @@ def _metrics(if_strict, knowledge, bare):
     return {"if_prompt_strict": if_strict, "knowledge_acc": knowledge, "bare_terse_rate": bare}
 
 
-def _write_run(path, seeds, per_seed, *overrides, compute=100.0):
+def _env(commit):
+    return {"commit": commit, "python": "3.11.7", "platform": "Linux", "cpu": "Test CPU", "cpus": 2, "gpu": None,
+            "packages": {"torch": "2.13.0+cpu", "deepspeed": "0.19.8", "transformers": "5.23.0", "numpy": "2.4.6"}}
+
+
+def _write_run(path, seeds, per_seed, *overrides, compute=100.0, environments=()):
     cfg = load_experiment_config(CONFIG, [f"output_dir={path}", f"seeds={list(seeds)}", *overrides])
     results = {"seeds": list(seeds), "wall_seconds": compute, "compute_seconds": compute, "config": cfg,
                "per_seed": {arm: {str(s): m for s, m in runs.items()} for arm, runs in per_seed.items()},
-               "unlearning": {"unlearned": {f"seed{s}": {"forget_nll": 5.0 + s} for s in seeds}}}
+               "unlearning": {"unlearned": {f"seed{s}": {"forget_nll": 5.0 + s} for s in seeds}},
+               "phase_environments": [{"environment": env, "phases": phases} for env, phases in environments]}
     write_json(path / "results.json", results)
     return path
 
@@ -39,9 +45,11 @@ def two_runs(tmp_path):
     # The second run also ran the control, and on a different number of parallel jobs.
     second = {"docs_only": {5: _metrics(0.38, 0.41, 0.0)}, "synthetic": {5: _metrics(0.35, 0.43, 0.5)},
               "unlearned": {5: _metrics(0.37, 0.42, 0.2)}, "no_forget": {5: _metrics(0.34, 0.43, 0.5)}}
-    a = _write_run(tmp_path / "a", [0, 1], first)
+    # Run b's SFT was trained at a later commit than everything else.
+    a = _write_run(tmp_path / "a", [0, 1], first, environments=[(_env("a" * 40), ["base", "seed0/sft/synthetic"])])
     b = _write_run(tmp_path / "b", [5], second, "parallel_jobs=1", "omp_threads=2",
-                   "arms=[docs_only,synthetic,unlearned,no_forget]", compute=40.0)
+                   "arms=[docs_only,synthetic,unlearned,no_forget]", compute=40.0,
+                   environments=[(_env("a" * 40), ["base"]), (_env("b" * 40 + "-dirty"), ["seed5/sft/synthetic"])])
     return a, b, first, second
 
 
@@ -67,6 +75,13 @@ def test_pooled_results_equal_one_run_over_every_seed(two_runs, tmp_path):
     md = (tmp_path / "pooled" / "results.md").read_text()
     assert md == text and "pooled from 2 runs" in md and "| docs_only - synthetic | if_prompt_strict |" in md
     assert (tmp_path / "pooled" / "results.png").stat().st_size > 0
+    # Which environment trained which run's phases.
+    assert results["phase_environments"] == [
+        {"environment": _env("a" * 40), "phases": [f"{a}/base", f"{a}/seed0/sft/synthetic", f"{b}/base"]},
+        {"environment": _env("b" * 40 + "-dirty"), "phases": [f"{b}/seed5/sft/synthetic"]}]
+    assert ("- 3 phases trained on: commit aaaaaaaaaaaa; torch 2.13.0+cpu, deepspeed 0.19.8, transformers 5.23.0, "
+            "numpy 2.4.6; Test CPU, 2 CPUs") in md
+    assert "- 1 phase trained on: commit bbbbbbbbbbbb-dirty;" in md
 
 
 def test_runs_of_different_experiments_do_not_pool(two_runs, tmp_path):
