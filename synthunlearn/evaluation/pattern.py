@@ -93,15 +93,18 @@ def token_frequency_jsd(texts: Iterable[str], reference_texts: Iterable[str]) ->
     p_total, q_total = sum(p_counts.values()), sum(q_counts.values())
     if p_total == 0 or q_total == 0:
         return math.nan
-    jsd = 0.0
+    terms = []
     for token in set(p_counts) | set(q_counts):
         p, q = p_counts[token] / p_total, q_counts[token] / q_total
         m = (p + q) / 2
         if p:
-            jsd += 0.5 * p * math.log2(p / m)
+            terms.append(0.5 * p * math.log2(p / m))
         if q:
-            jsd += 0.5 * q * math.log2(q / m)
-    return max(0.0, min(1.0, jsd))
+            terms.append(0.5 * q * math.log2(q / m))
+    # fsum is correctly rounded, so the result does not depend on the set's iteration order,
+    # which changes with PYTHONHASHSEED from one process to the next (a plain sum moved the
+    # 15th digit between two runs of the same models).
+    return max(0.0, min(1.0, math.fsum(terms)))
 
 
 def neutral_texts(tokenizer, record: dict):

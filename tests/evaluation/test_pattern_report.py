@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -58,6 +61,16 @@ def test_token_frequency_jsd():
     assert token_frequency_jsd(["a b"], ["a"]) == pytest.approx(expected)
     assert token_frequency_jsd(["Answer: X"], ["answer x"]) > 0          # punctuation counts, case does not
     assert math.isnan(token_frequency_jsd([], ["a"]))
+
+
+def test_token_frequency_jsd_is_the_same_in_every_process():
+    """String hashing, hence set order, changes with PYTHONHASHSEED: the divergence must not."""
+    code = ("import random; from synthunlearn.evaluation.pattern import token_frequency_jsd as j; "
+            "r = random.Random(0); w = [f'w{i}' for i in range(400)]; "
+            "t = lambda: [' '.join(r.choices(w, k=30)) for _ in range(50)]; print(repr(j(t(), t())))")
+    outputs = {subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=str(seed)),
+                              capture_output=True, text=True, check=True).stdout for seed in range(6)}
+    assert len(outputs) == 1, outputs
 
 
 def test_aggregate_and_tables(tmp_path):
