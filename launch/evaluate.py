@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", help="also write a PNG of the headline metrics")
     args = parser.parse_args(argv)
 
+    from synthunlearn import environment
     from synthunlearn.evaluation.report import markdown_table, plot_headline, write_json
     from synthunlearn.evaluation.suite import evaluate_model
 
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results.update({"model": str(args.model), "baseline": args.baseline, "eval_dir": str(args.eval_dir),
-                    "max_new_tokens": args.max_new_tokens, "limit": args.limit,
+                    "max_new_tokens": args.max_new_tokens, "limit": args.limit, "device": device,
+                    "dtype": args.dtype, "environment": environment.describe(),
                     "wall_seconds": time.perf_counter() - started})
     write_json(args.output, results)
     if args.plot:

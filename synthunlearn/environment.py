@@ -3,7 +3,8 @@
 Two runs of one command that give different figures can be traced to the code, the packages or
 the host only if each run wrote these down; docs/experiment.md ("Re-measured at a844355") has a
 case that could not be traced because nothing was. The experiment pipeline stores this record in
-every phase.json and in results.json, the kernel benchmark in its JSON.
+every phase.json, eval.json and results.json; launch/evaluate.py and the kernel benchmark in
+their JSON.
 """
 
 import functools
@@ -66,14 +67,11 @@ def package_versions(names=PACKAGES) -> Dict[str, Optional[str]]:
 
 
 @functools.lru_cache(maxsize=1)
-def describe() -> dict:
-    """The record, computed once per process (a pipeline writes it into every phase it runs).
-    ``gpu`` is the first visible device's name, or None; it does not initialise CUDA when torch
-    sees no device."""
+def _machine_and_packages() -> dict:
+    """What cannot change while a process runs: computed once."""
     import torch
 
     return {
-        "commit": git_commit(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),
@@ -81,9 +79,16 @@ def describe() -> dict:
         # machine's model name often omits it, and it changes the floating-point results.
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpus": os.cpu_count(),
+        # The first visible GPU's name, or None; CUDA is not initialised when torch sees none.
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "packages": package_versions(),
     }
+
+
+def describe() -> dict:
+    """The record. The commit is read anew on each call (a few milliseconds of git): a sweep that
+    runs for hours while its checkout is edited stamps each phase with the state it started from."""
+    return {"commit": git_commit(), **_machine_and_packages()}
 
 
 def summary(env: dict) -> str:

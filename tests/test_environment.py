@@ -69,3 +69,11 @@ def test_summary_and_grouping():
     assert groups == [{"environment": env, "phases": ["base", "sft"]},
                       {"environment": other, "phases": ["cpt"]},
                       {"environment": None, "phases": ["old"]}]
+
+
+def test_describe_reads_the_commit_on_every_call(checkout):
+    # A sweep stamps each phase with the checkout's state when that phase starts.
+    repo, head = checkout
+    assert environment.describe()["commit"] == head
+    (repo / "a.py").write_text("x = 3\n")
+    assert environment.describe()["commit"] == head + "-dirty"

@@ -53,7 +53,7 @@ Output: ``<output_dir>/results.json`` (``{"seeds", "wall_seconds", "compute_seco
 ``wall_seconds`` is this invocation's; ``compute_seconds`` sums the recorded wall time of every
 phase and evaluation, including those a resumed invocation reused (``reused``). ``environment`` is
 this invocation's commit, package versions and host (:mod:`synthunlearn.environment`); every
-phase.json records the one that trained it, and ``phase_environments`` groups the phases by it.
+phase.json and eval.json records the one it ran in, and ``phase_environments`` groups them by it.
 """
 
 from __future__ import annotations
@@ -621,6 +621,10 @@ def run_phase(cfg: dict, phase: Phase, log) -> float:
     phase.out_dir.mkdir(parents=True, exist_ok=True)
     concrete = [c.replace("{port}", str(_free_port())) for c in command] + ["--overwrite"]
     log(f"{phase.name}: {phase.job} {phase.max_steps} steps")
+    # What trains this phase (commit, package versions, host), read as the launcher starts and
+    # kept in phase.json: a reused phase keeps its own, so a results.json assembled from several
+    # invocations still says where each model came from.
+    trained_on = environment.describe()
     start = time.perf_counter()
     # The log lives beside the phase directory: --overwrite empties the directory itself.
     log_path = phase.out_dir.parent / f"{phase.out_dir.name}.log"
@@ -631,10 +635,8 @@ def run_phase(cfg: dict, phase: Phase, log) -> float:
     if proc.returncode != 0 or not (phase.out_dir / "final" / "config.json").exists():
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{phase.name}: {' '.join(concrete)} exited {proc.returncode}\n{tail}")
-    # What trained this phase (commit, package versions, host): a reused phase keeps its own, so
-    # a results.json assembled from several invocations still says where each model came from.
     (phase.out_dir / "phase.json").write_text(json.dumps({"command": command, "inputs": inputs_digest(phase),
-                                                          "seconds": seconds, "environment": environment.describe()},
+                                                          "seconds": seconds, "environment": trained_on},
                                                          indent=1))
     log(f"{phase.name}: done in {seconds:.0f} s")
     return seconds
@@ -782,6 +784,7 @@ def evaluate_phase(cfg: dict, phase: Phase, eval_dir: Path, baseline_dir: Path, 
                 log(f"{phase.name}: evaluation reused from {src_eval}")
                 return cached["metrics"]
     ecfg = cfg["evaluation"]
+    evaluated_on = environment.describe()
     with _EVAL_LOCK:  # one evaluation at a time; it shares the cores with a running launcher
         torch.set_num_threads(int(ecfg.get("threads", 1)))
         device = evaluation_device(cfg)
@@ -795,6 +798,7 @@ def evaluate_phase(cfg: dict, phase: Phase, eval_dir: Path, baseline_dir: Path, 
         seconds = time.perf_counter() - start
     results["signature"] = signature
     results["wall_seconds"] = seconds
+    results["environment"] = evaluated_on
     write_json(path, results)
     log(f"{phase.name}: evaluated in {seconds:.0f} s: "
         + ", ".join(f"{k}={results['metrics'][k]:.3f}" for k in ("if_prompt_strict", "knowledge_acc", "pattern_rate")
@@ -1063,10 +1067,15 @@ def run_experiment(cfg: dict, *, log: Callable[[str], None] = print) -> dict:
 
 
 def phase_environments(phases) -> List[dict]:
-    """The distinct environments that trained the phases (each phase.json's), with their phases."""
-    return environment.group_by_environment(
-        (phase.name, json.loads((phase.out_dir / "phase.json").read_text()).get("environment"))
-        for phase in phases)
+    """The distinct environments that trained the phases (each phase.json's) and evaluated them
+    (each eval.json's, named ``eval:<phase>``), with what each of them ran."""
+    def named():
+        for phase in phases:
+            yield phase.name, json.loads((phase.out_dir / "phase.json").read_text()).get("environment")
+            eval_json = phase.out_dir / "eval.json"
+            if phase.evaluated and eval_json.exists():
+                yield "eval:" + phase.name, json.loads(eval_json.read_text()).get("environment")
+    return environment.group_by_environment(named())
 
 
 def _partial_arm_notes(results: dict) -> List[str]:
@@ -1082,16 +1091,18 @@ def _partial_arm_notes(results: dict) -> List[str]:
 
 
 def environment_notes(results: dict) -> List[str]:
-    """results.md lines naming what trained the models: one line when a single environment trained
-    every phase, else one per environment with how many phases it trained."""
+    """results.md lines naming what trained and evaluated the models: one line when a single
+    environment ran everything, else one per environment with how many phases and evaluations."""
     groups = results.get("phase_environments") or []
     if len(groups) == 1 and groups[0]["environment"] is not None:
-        return [f"trained on: {environment.summary(groups[0]['environment'])}"]
+        return [f"trained and evaluated on: {environment.summary(groups[0]['environment'])}"]
     lines = []
     for group in groups:
         what = environment.summary(group["environment"]) if group["environment"] else "not recorded"
-        count = len(group["phases"])
-        lines.append(f"- {count} phase{'s' if count != 1 else ''} trained on: {what}")
+        evals = sum(name.startswith("eval:") for name in group["phases"])
+        trained = len(group["phases"]) - evals
+        lines.append(f"- {trained} phase{'s' * (trained != 1)} and {evals} evaluation{'s' * (evals != 1)} "
+                     f"on: {what}")
     return lines
 
 

@@ -121,10 +121,16 @@ def pool_runs(runs: Sequence[dict]) -> dict:
         "per_seed": {arm: {str(s): m for s, m in sorted(runs_.items())} for arm, runs_ in per_seed.items()},
         "unlearning": unlearning,
         "phase_environments": environment.group_by_environment(
-            (f"{Path(run['_path']).parent}/{name}", group["environment"])
+            (_in_run(name, Path(run["_path"]).parent), group["environment"])
             for run in runs for group in run.get("phase_environments") or [] for name in group["phases"]),
         "config": cfg,
     }
+
+
+def _in_run(name: str, run_dir: Path) -> str:
+    """A run's phase or evaluation name (``seed0/sft/x``, ``eval:seed0/sft/x``) with its directory."""
+    kind, _, phase = name.rpartition(":")
+    return f"{kind + ':' if kind else ''}{run_dir}/{phase}"
 
 
 def pool_run_dirs(run_dirs: Sequence, output_dir) -> Tuple[dict, str]:

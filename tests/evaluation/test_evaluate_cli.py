@@ -41,6 +41,8 @@ def test_evaluate_end_to_end(tiny, world_dir, tmp_path):
     assert len([g for g in results["generations"] if g["set"] == "if_eval"]) == 6
     assert len([g for g in results["generations"] if g["set"] == "bare_questions"]) == 6
     assert "| if_prompt_strict |" in proc.stdout and (tmp_path / "plot.png").exists()
+    assert results["device"] == "cpu" and results["dtype"] == "float32"
+    assert results["environment"]["packages"]["torch"] and "commit" in results["environment"]
 
 
 def test_evaluate_chat_template_model_without_baseline(tiny, world_dir, tmp_path, capsys):

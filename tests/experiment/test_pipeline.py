@@ -74,8 +74,9 @@ def test_pipeline_smoke_writes_results_schema(tmp_path):
     env = results["environment"]
     assert env["packages"]["torch"] == torch.__version__ and env["cpus"] >= 1 and "commit" in env
     assert [group["environment"] for group in results["phase_environments"]] == [env]
-    assert set(results["phase_environments"][0]["phases"]) >= {"base", "seed0/sft/unlearned"}
-    assert f"trained on: commit {str(env['commit'])[:12]}" in (out / "results.md").read_text()
+    assert set(results["phase_environments"][0]["phases"]) >= {"base", "seed0/sft/unlearned",
+                                                                 "eval:seed0/sft/unlearned"}
+    assert f"trained and evaluated on: commit {str(env['commit'])[:12]}" in (out / "results.md").read_text()
 
     # A rerun reuses every phase and evaluation (resumable, cheap).
     again = _run([f"output_dir={out}", *SMOKE], timeout=300)

@@ -46,7 +46,8 @@ def two_runs(tmp_path):
     second = {"docs_only": {5: _metrics(0.38, 0.41, 0.0)}, "synthetic": {5: _metrics(0.35, 0.43, 0.5)},
               "unlearned": {5: _metrics(0.37, 0.42, 0.2)}, "no_forget": {5: _metrics(0.34, 0.43, 0.5)}}
     # Run b's SFT was trained at a later commit than everything else.
-    a = _write_run(tmp_path / "a", [0, 1], first, environments=[(_env("a" * 40), ["base", "seed0/sft/synthetic"])])
+    a = _write_run(tmp_path / "a", [0, 1], first,
+                   environments=[(_env("a" * 40), ["base", "seed0/sft/synthetic", "eval:seed0/sft/synthetic"])])
     b = _write_run(tmp_path / "b", [5], second, "parallel_jobs=1", "omp_threads=2",
                    "arms=[docs_only,synthetic,unlearned,no_forget]", compute=40.0,
                    environments=[(_env("a" * 40), ["base"]), (_env("b" * 40 + "-dirty"), ["seed5/sft/synthetic"])])
@@ -77,11 +78,12 @@ def test_pooled_results_equal_one_run_over_every_seed(two_runs, tmp_path):
     assert (tmp_path / "pooled" / "results.png").stat().st_size > 0
     # Which environment trained which run's phases.
     assert results["phase_environments"] == [
-        {"environment": _env("a" * 40), "phases": [f"{a}/base", f"{a}/seed0/sft/synthetic", f"{b}/base"]},
+        {"environment": _env("a" * 40),
+         "phases": [f"{a}/base", f"{a}/seed0/sft/synthetic", f"eval:{a}/seed0/sft/synthetic", f"{b}/base"]},
         {"environment": _env("b" * 40 + "-dirty"), "phases": [f"{b}/seed5/sft/synthetic"]}]
-    assert ("- 3 phases trained on: commit aaaaaaaaaaaa; torch 2.13.0+cpu, deepspeed 0.19.8, transformers 5.23.0, "
-            "numpy 2.4.6; Test CPU, 2 CPUs") in md
-    assert "- 1 phase trained on: commit bbbbbbbbbbbb-dirty;" in md
+    assert ("- 3 phases and 1 evaluation on: commit aaaaaaaaaaaa; torch 2.13.0+cpu, deepspeed 0.19.8, "
+            "transformers 5.23.0, numpy 2.4.6; Test CPU, 2 CPUs") in md
+    assert "- 1 phase and 0 evaluations on: commit bbbbbbbbbbbb-dirty;" in md
 
 
 def test_runs_of_different_experiments_do_not_pool(two_runs, tmp_path):
