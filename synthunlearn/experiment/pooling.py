@@ -14,9 +14,9 @@ metrics into one summary, as if one invocation had run every seed:
 
 The pooled ``results.json`` has the schema of a run's (``arms``, ``predictions``, ``paired``,
 ``per_seed``, ``unlearning``, ``phase_environments`` with each phase named by its run directory)
-plus ``pooled_from``; its ``compute_seconds`` sums the runs'. The
-paired IF contrasts carry the prompt-sampling error when every pooled seed's evaluation is still
-in its run directory (same configs, so the same prompts).
+plus ``pooled_from``; its ``compute_seconds`` sums the runs'. The paired IF contrasts carry the
+prompt-sampling error when every pooled seed's evaluation is still in its run directory (same
+configs, so the same prompts).
 """
 
 from __future__ import annotations
