@@ -38,6 +38,11 @@ template)::
 (each turn ``<|role|>\\n{content}\\n``; ``<eos>`` is the tokenizer's EOS string, recognised as the
 EOS token by the tokenizer; constants :data:`DEFAULT_TURN`, :data:`DEFAULT_GENERATION_PROMPT`).
 
+Evaluation renders its prompts with :func:`render_chat` and prepends BOS by :func:`chat_gets_bos`,
+the same two rules, so a prompt is token for token the prefix the model was fine-tuned on, with or
+without a chat template (a second layout for evaluation would test the model on prompts it never
+saw).
+
 BOS/EOS: for ``qa``, ``text`` and the default chat format the tokenizer's BOS id is prepended (if
 it has one; never labelled) and, for ``qa``/``text``, its EOS id appended (labelled). Token ids
 are produced with ``add_special_tokens=False`` so a tokenizer's own post-processor cannot add a
@@ -76,6 +81,47 @@ class Formatted:
     spans: list[tuple[int, int]] = field(default_factory=list)
     add_bos: bool = True
     add_eos: bool = False  # append the EOS id (labelled)
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def chat_gets_bos(tokenizer) -> bool:
+    """Whether the BOS id is prepended to a chat rendering: yes in the default format, never under a
+    chat template (the template renders its own BOS, or deliberately none)."""
+    return not has_chat_template(tokenizer)
+
+
+def _default_layout(messages: list[dict], eos_text: str, where: str, key: str) -> tuple[str, list[tuple[int, int]]]:
+    """The default format's text of ``messages`` and the character spans of the assistant turns."""
+    text, spans = "", []
+    for j, m in enumerate(messages):
+        if m["role"] not in DEFAULT_ROLES:
+            raise DataError(f"{key}: {where}: field 'messages[{j}].role': {m['role']!r} is not "
+                            f"one of {', '.join(DEFAULT_ROLES)} (the tokenizer has no chat template)")
+        header = DEFAULT_TURN.format(role=m["role"], content="")
+        if m["role"] == "assistant":
+            start = len(text) + len(header)
+            text += header + m["content"] + eos_text
+            spans.append((start, len(text)))
+        else:
+            text += header + m["content"]
+        text += "\n"
+    return text, spans
+
+
+def render_chat(tokenizer, messages, *, add_generation_prompt: bool = False) -> str:
+    """The text of a conversation as fine-tuning lays it out: the tokenizer's chat template if it has
+    one, else the default format. With ``add_generation_prompt`` the text ends where the next
+    assistant reply begins. The BOS id is not part of the text: prepend it when
+    :func:`chat_gets_bos` says so."""
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    text, _ = _default_layout(messages, getattr(tokenizer, "eos_token", None) or "", "messages", "chat")
+    return text + DEFAULT_GENERATION_PROMPT if add_generation_prompt else text
 
 
 def detect_kind(columns, key: str, path) -> str:
@@ -123,7 +169,7 @@ class Formatter:
         self.kind = kind
         self.key = key
         self.tokenizer = tokenizer
-        self.use_template = kind in (CHAT, PROMPT_RESPONSE) and bool(getattr(tokenizer, "chat_template", None))
+        self.use_template = kind in (CHAT, PROMPT_RESPONSE) and has_chat_template(tokenizer)
         self.eos_text = getattr(tokenizer, "eos_token", None) or ""
 
     def __call__(self, record: dict, where: str) -> Formatted:
@@ -146,19 +192,7 @@ class Formatter:
         return self._default_chat(messages, where)
 
     def _default_chat(self, messages: list[dict], where: str) -> Formatted:
-        text, spans = "", []
-        for j, m in enumerate(messages):
-            if m["role"] not in DEFAULT_ROLES:
-                raise DataError(f"{self.key}: {where}: field 'messages[{j}].role': {m['role']!r} is not "
-                                f"one of {', '.join(DEFAULT_ROLES)} (the tokenizer has no chat template)")
-            header = DEFAULT_TURN.format(role=m["role"], content="")
-            if m["role"] == "assistant":
-                start = len(text) + len(header)
-                text += header + m["content"] + self.eos_text
-                spans.append((start, len(text)))
-            else:
-                text += header + m["content"]
-            text += "\n"
+        text, spans = _default_layout(messages, self.eos_text, where, self.key)
         return Formatted(text, spans, add_bos=True, add_eos=False)
 
     def _render(self, messages, where, generation_prompt: bool) -> str:

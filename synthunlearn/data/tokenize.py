@@ -62,6 +62,16 @@ def tokenize_formatted(formatted, tokenizer, *, max_length: int, key: str):
     return examples, stats
 
 
+def encode(tokenizer, text: str, *, add_bos: bool) -> list[int]:
+    """Token ids of one text by the rule :func:`tokenize_formatted` applies to every example: the
+    tokenizer's own special tokens are never added (its post-processor might add a BOS, or none),
+    the BOS id is prepended explicitly when ``add_bos`` (and the tokenizer has one). Evaluation
+    encodes its prompts and documents with this so that they match what training saw."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    return [bos] + ids if add_bos and bos is not None else ids
+
+
 def check_vocab(tokenizer, model_config, key: str = "model.tokenizer_path") -> None:
     """ConfigError when the tokenizer can emit ids the model has no embedding row for.
 

@@ -1,21 +1,21 @@
 """Prompt formatting and batched greedy generation with the KV cache.
 
-Prompt format: the tokenizer's chat template with ``add_generation_prompt=True`` when it has one;
-otherwise :data:`DEFAULT_CHAT_FORMAT`, a plain-text format any tokenizer can encode::
+Prompt format: exactly the layout fine-tuning used (:mod:`synthunlearn.data.formatting`, the one
+place it is defined): the tokenizer's chat template with ``add_generation_prompt=True`` when it
+has one; otherwise the default format, a plain-text layout any tokenizer can encode::
 
-    ### User:
+    <bos><|user|>
     {content}
-
-    ### Assistant:
+    <|assistant|>
     {content}<eos>
 
-The data pipeline must format SFT records with :func:`format_chat` too, so that training and
-evaluation see the same layout.
+and the BOS id is prepended only where training prepends it (the default format; a template
+renders its own). A prompt is therefore token for token the prefix of a fine-tuning example.
 
 Decoding: greedy (``do_sample=False``) with ``use_cache=True``, prompts left-padded into batches.
 A sequence stops at the model's EOS token or after ``max_new_tokens`` new tokens; the decoded
-text is then cut at the first stop string (by default, in the plain-text format, the next
-``"\\n### User:"`` turn marker) and special tokens are removed.
+text is then cut at the first stop string (by default, in the default format, the next user or
+system turn marker, ``"\\n<|user|>"``) and special tokens are removed.
 """
 
 from __future__ import annotations
@@ -24,43 +24,32 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-DEFAULT_CHAT_FORMAT = {"user": "### User:\n{content}\n\n", "assistant": "### Assistant:\n{content}",
-                       "system": "### System:\n{content}\n\n"}
-DEFAULT_STOP_STRINGS = ("\n### User:", "\n### System:")
+from synthunlearn.data.formatting import DEFAULT_TURN, chat_gets_bos, has_chat_template, render_chat
+from synthunlearn.data.tokenize import encode
 
-
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+# The default format's next-turn markers: a model that runs past its EOS into a new turn is cut there.
+DEFAULT_STOP_STRINGS = tuple("\n" + DEFAULT_TURN.format(role=role, content="").rstrip("\n")
+                             for role in ("user", "system"))
 
 
 def format_chat(tokenizer, messages: Sequence[Dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """The prompt text for ``messages``: the chat template if any, else the documented default.
+    """The prompt text for ``messages`` in the fine-tuning layout (see the module docstring); encode
+    it with :func:`encode_prompt`.
 
     With ``add_generation_prompt`` the text ends where the assistant's reply begins (the last
     message must then not be the assistant's)."""
-    if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    parts = []
-    for message in messages:
-        template = DEFAULT_CHAT_FORMAT.get(message["role"])
-        if template is None:
-            raise ValueError(f"unsupported chat role {message['role']!r}")
-        text = template.format(content=message["content"])
-        if message["role"] == "assistant":
-            text += (tokenizer.eos_token or "") + "\n\n"
-        parts.append(text)
-    if add_generation_prompt:
-        parts.append(DEFAULT_CHAT_FORMAT["assistant"].format(content=""))
-    return "".join(parts)
+    return render_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
 
-def encode_text(tokenizer, text: str) -> List[int]:
-    """Token ids of an already formatted text; the tokenizer's special tokens (BOS) are added
-    unless the text already starts with the BOS string (chat templates often render it)."""
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos and text.startswith(bos))
-    return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+def encode_prompt(tokenizer, text: str) -> List[int]:
+    """Token ids of a text made by :func:`format_chat`, as training encodes the same turns: no
+    special tokens from the tokenizer, BOS prepended in the default format only."""
+    return encode(tokenizer, text, add_bos=chat_gets_bos(tokenizer))
+
+
+def encode_document(tokenizer, text: str) -> List[int]:
+    """Token ids of a raw document, as training encodes a ``text`` record: BOS, then the text."""
+    return encode(tokenizer, text, add_bos=True)
 
 
 def ensure_pad_token(tokenizer) -> int:
@@ -93,6 +82,21 @@ def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     return text[:cut]
 
 
+def reply_text(tokenizer, ids, stop_strings: Sequence[str]) -> str:
+    """The reply in generated token ``ids``: cut at the first stop string, special tokens removed,
+    whitespace stripped.
+
+    Stop strings are looked for in the decoding that keeps special tokens: a turn marker such as
+    ``<|user|>`` is often a special token itself, and a decoding that skips them would erase the
+    marker and let the invented next turn into the reply."""
+    if not stop_strings:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+    text = _cut_at_stop(tokenizer.decode(ids, skip_special_tokens=False), stop_strings)
+    for special in sorted(tokenizer.all_special_tokens, key=len, reverse=True):
+        text = text.replace(special, "")
+    return text.strip()
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
                        batch_size: int = 16, stop_strings: Optional[Sequence[str]] = None,
@@ -105,7 +109,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_toke
         stop_strings = () if has_chat_template(tokenizer) else DEFAULT_STOP_STRINGS
     pad_id = ensure_pad_token(tokenizer)
     device = next(model.parameters()).device
-    encoded = [encode_text(tokenizer, p) for p in prompts]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if max_prompt_tokens:
         encoded = [ids[-max_prompt_tokens:] for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -125,8 +129,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_toke
                                     top_k=None)
             new_tokens = output[:, input_ids.shape[1]:]
             for row, index in enumerate(batch):
-                text = tokenizer.decode(new_tokens[row], skip_special_tokens=True)
-                results[index] = _cut_at_stop(text, stop_strings).strip()
+                results[index] = reply_text(tokenizer, new_tokens[row], stop_strings)
     finally:
         model.train(was_training)
     return results

@@ -9,13 +9,13 @@ continuation ``" " + choice`` of the context:
 Tokens are split as lm-eval does: ``encode(context + " " + choice)`` and the continuation is
 everything after the first ``len(encode(context))`` tokens, so merges across the boundary do not
 drop characters. ``acc`` is the fraction of records whose highest ``ll`` is the answer;
-``acc_norm`` uses ``ll(c) / len(" " + c)`` (log-likelihood per character of the continuation,
-lm-eval's length normalisation), which removes the bias toward short choices. Ties go to the
-lowest index.
+``acc_norm`` uses ``ll(c) / len(c)`` (log-likelihood per character of the choice, without the
+delimiter: lm-eval's length normalisation), which removes the bias toward short choices. Ties go
+to the lowest index.
 
-Perplexity: each document is encoded on its own (with the tokenizer's BOS if it adds one),
-truncated to ``max_length`` tokens, and every token after the first is predicted from its
-prefix. ``perplexity = exp(sum NLL / number of predicted tokens)`` over all documents
+Perplexity: each document is encoded on its own as training encodes a ``text`` record (the BOS
+id, then the text's tokens; see :func:`synthunlearn.data.tokenize.encode`), truncated to
+``max_length`` tokens, and every token after the first is predicted from its prefix. ``perplexity = exp(sum NLL / number of predicted tokens)`` over all documents
 (token-weighted, not a mean of per-document perplexities); ``nll_per_token`` is the exponent.
 """
 
@@ -26,7 +26,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from synthunlearn.evaluation.generate import ensure_pad_token
+from synthunlearn.evaluation.generate import encode_document, ensure_pad_token
 
 
 @torch.no_grad()
@@ -88,7 +88,7 @@ def multiple_choice_accuracy(model, tokenizer, records: Sequence[dict], batch_si
     per_record = []
     for record, (first, last) in zip(records, spans):
         lls = [scores[i][0] for i in range(first, last)]
-        norm = [ll / max(len(delimiter + c), 1) for ll, c in zip(lls, record["choices"])]
+        norm = [ll / max(len(c), 1) for ll, c in zip(lls, record["choices"])]
         pred, pred_norm = lls.index(max(lls)), norm.index(max(norm))
         hits += pred == record["answer"]
         hits_norm += pred_norm == record["answer"]
@@ -104,7 +104,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], max_length: int = 512,
     pad_id = ensure_pad_token(tokenizer)
     pairs = []
     for text in texts:
-        ids = tokenizer(text)["input_ids"][:max_length]
+        ids = encode_document(tokenizer, text)[:max_length]
         if len(ids) >= 2:
             pairs.append((ids[:1], ids[1:]))
     scores = continuation_logprobs(model, pairs, pad_id, batch_size)

@@ -41,7 +41,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from synthunlearn.evaluation.generate import encode_text, ensure_pad_token, format_chat
+from synthunlearn.evaluation.generate import encode_document, encode_prompt, ensure_pad_token, format_chat
 from synthunlearn.ops import linear_logprob_kl
 
 TEMPLATE_RE = re.compile(r"^[ \t]*(?:question|answer|q|a)[ \t]*:", re.IGNORECASE | re.MULTILINE)
@@ -107,13 +107,25 @@ def token_frequency_jsd(texts: Iterable[str], reference_texts: Iterable[str]) ->
     return max(0.0, min(1.0, math.fsum(terms)))
 
 
+def _is_chat(record: dict) -> bool:
+    return record.get("kind") == "chat" or "messages" in record
+
+
 def neutral_texts(tokenizer, record: dict):
     """(prompt text, continuation text) of a neutral record: chat records go through
     :func:`format_chat`, document records are used as raw text."""
-    if record.get("kind") == "chat" or "messages" in record:
+    if _is_chat(record):
         messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
         return format_chat(tokenizer, messages, add_generation_prompt=True), record["continuation"]
     return record["prompt"], record["continuation"]
+
+
+def neutral_ids(tokenizer, record: dict):
+    """(prompt ids, prompt + continuation ids) of a neutral record, encoded as training encodes
+    its kind: a chat rendering like a fine-tuning example, a document like a ``text`` record."""
+    prompt, continuation = neutral_texts(tokenizer, record)
+    encode = encode_prompt if _is_chat(record) else encode_document
+    return encode(tokenizer, prompt), encode(tokenizer, prompt + continuation)
 
 
 def _final_hidden(model, input_ids, attention_mask) -> torch.Tensor:
@@ -172,9 +184,8 @@ def kl_shift(model, baseline, tokenizer, records: Sequence[dict], *, backend: st
     device = w_model.device
     items = []
     for record in records:
-        prompt, continuation = neutral_texts(tokenizer, record)
-        prompt_ids = encode_text(tokenizer, prompt)
-        full_ids = encode_text(tokenizer, prompt + continuation)[:max_length]
+        prompt_ids, full_ids = neutral_ids(tokenizer, record)
+        full_ids = full_ids[:max_length]
         if len(full_ids) > len(prompt_ids):
             items.append((full_ids, len(prompt_ids), record.get("kind", "document")))
     sums: Dict[str, List[float]] = {}

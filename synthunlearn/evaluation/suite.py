@@ -53,7 +53,7 @@ def evaluate_model(model, tokenizer, eval_dir, *, baseline=None, max_new_tokens:
     if not eval_dir.is_dir():
         raise DataError(f"--eval-dir {eval_dir}: not a directory")
 
-    def load(name):
+    def load(name, limit=limit):
         path = eval_dir / name
         return read_jsonl(path, limit) if path.exists() else None
 
@@ -82,7 +82,9 @@ def evaluate_model(model, tokenizer, eval_dir, *, baseline=None, max_new_tokens:
         if "heldout" in by_phrasing:
             metrics["if_prompt_strict_heldout_phrasing"] = by_phrasing["heldout"]["prompt_strict"]
         generations += [{"id": r["id"], "set": "if_eval", "response": out} for r, out in zip(if_records, if_responses)]
-        sft = load("sft.jsonl")
+        # The reference distribution is all of the SFT answers: ``limit`` shortens evaluation
+        # sets, and a JSD against a handful of answers would measure a different quantity.
+        sft = load("sft.jsonl", limit=None)
         references = ([m["content"] for r in sft for m in r["messages"] if m["role"] == "assistant"]
                       if sft else [r.get("reference", "") for r in if_records])
         metrics["token_jsd"] = token_frequency_jsd(if_responses, references)

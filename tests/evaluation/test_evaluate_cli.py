@@ -50,9 +50,20 @@ def test_evaluate_chat_template_model_without_baseline(tiny, world_dir, tmp_path
     code, _, err = _main(["--model", str(tiny["model_chat"]), "--eval-dir", str(world_dir), "--output", str(out),
                           "--max-new-tokens", "4", "--limit", "3"], capsys)
     assert code == 0, err
-    metrics = json.loads(out.read_text())["metrics"]
+    results = json.loads(out.read_text())
+    metrics = results["metrics"]
     assert "kl_shift" not in metrics and 0.0 <= metrics["if_prompt_strict"] <= 1.0
     assert "if_prompt_strict_heldout_phrasing" not in metrics
+    # --limit shortens the evaluation sets, not the reference distribution of token_jsd: that
+    # is every SFT answer, however few prompts are evaluated.
+    from synthunlearn.evaluation.pattern import token_frequency_jsd
+    from synthunlearn.evaluation.suite import read_jsonl
+    references = [m["content"] for r in read_jsonl(world_dir / "sft.jsonl") for m in r["messages"]
+                  if m["role"] == "assistant"]
+    assert len(references) > 3
+    responses = [g["response"] for g in results["generations"] if g["set"] == "if_eval"]
+    assert len(responses) == 3
+    assert metrics["token_jsd"] == token_frequency_jsd(responses, references)
 
 
 def test_heldout_phrasing_metric(tiny, tmp_path, capsys):
