@@ -22,7 +22,9 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -169,10 +171,13 @@ def build_reference_engine(config: RunConfig, policy_ds_config: dict):
 
 @contextlib.contextmanager
 def reference_head(ref_engine):
-    """The reference's output matrix, gathered for the duration of a forward *and* backward.
+    """The reference's output matrix, gathered for the policy's forward *and* backward.
 
     It belongs to another engine, so the policy's forward would see an empty ZeRO-3 partition;
-    the op also re-reads it in backward, hence one context around both.
+    the op also re-reads it in backward, hence one context around both. Enter it only after the
+    reference's own forward (:func:`reference_forward`): that forward re-partitions every parameter
+    it used when it ends, and a tied output matrix is one of them (it is the input embedding), so
+    a matrix gathered before it would be empty by the time the policy's op reads it.
     """
     if ref_engine is None:
         yield None
@@ -188,7 +193,16 @@ def reference_head(ref_engine):
 # 5. One micro-batch through the models
 # ---------------------------------------------------------------------------------------------
 
-def forward_micro_batch(engine, ref_engine, batch: dict, objective: Objective, ref_weight, device):
+@dataclass
+class PreparedBatch:
+    """A micro-batch on the device with the reference's final hidden states of the rows that need them."""
+
+    batch: dict
+    ref_rows: torch.Tensor
+    ref_hidden: Optional[torch.Tensor]
+
+
+def reference_forward(ref_engine, batch: dict, objective: Objective, device) -> PreparedBatch:
     batch = {k: v.to(device) for k, v in batch.items()}
     ref_set_ids = torch.tensor([SET_IDS[s] for s in objective.reference_sets()], dtype=torch.long)
     ref_rows = torch.isin(batch["row_set"], ref_set_ids.to(device))
@@ -198,8 +212,14 @@ def forward_micro_batch(engine, ref_engine, batch: dict, objective: Objective, r
             pos = batch.get("position_ids")
             ref_hidden = ref_engine(batch["input_ids"][ref_rows], batch["attention_mask"][ref_rows],
                                     pos[ref_rows] if pos is not None else None)
+    return PreparedBatch(batch, ref_rows, ref_hidden)
+
+
+def policy_forward(engine, prepared: PreparedBatch, ref_weight):
+    """The policy's per-token outputs; ``ref_weight`` comes from :func:`reference_head`."""
+    batch = prepared.batch
     return engine(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["row_set"],
-                  ref_rows=ref_rows, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                  ref_rows=prepared.ref_rows, ref_hidden=prepared.ref_hidden, ref_weight=ref_weight,
                   position_ids=batch.get("position_ids"))
 
 
@@ -224,9 +244,10 @@ def evaluate(engine, ref_engine, sets, objective: Objective, config: RunConfig, 
             nll = tokens = kl = 0.0
             for batch in eval_micro_batches(ds, rank=env.rank, world_size=env.world_size,
                                             max_batches=config.logging.eval_batches, pad_token_id=pad_id):
-                with reference_head(ref_engine if name == KL else None) as ref_w:
-                    out = forward_micro_batch(engine, ref_engine if name == KL else None, batch,
-                                              objective, ref_w, env.device)
+                reference = ref_engine if name == KL else None
+                prepared = reference_forward(reference, batch, objective, env.device)
+                with reference_head(reference) as ref_w:
+                    out = policy_forward(engine, prepared, ref_w)
                 nll -= float(out.logp.sum())
                 kl += float(out.kl.sum())
                 tokens += out.logp.numel()
@@ -368,8 +389,9 @@ def train(job: str, args) -> None:
         global_counts, tokens_seen = dict(zip(keys, totals[:-1])), totals[-1]
         sums: dict[str, float] = {}
         for mb in micro_batches:
+            prepared = reference_forward(ref_engine, mb, objective, env.device)
             with reference_head(ref_engine) as ref_w:
-                outputs = forward_micro_batch(engine, ref_engine, mb, objective, ref_w, env.device)
+                outputs = policy_forward(engine, prepared, ref_w)
                 loss, term_sums = objective.loss(outputs, global_counts, scale)
                 if step + 1 in inject_nonfinite and env.is_main:
                     loss = loss * float("nan")
