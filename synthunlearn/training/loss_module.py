@@ -18,8 +18,20 @@ from torch import nn
 from synthunlearn.objectives.objective import TokenOutputs
 from synthunlearn.ops import linear_logprob_kl
 
-# Config attributes of models whose logits are not ``hidden @ W^T``; the fused op would be wrong.
-_UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+# Config attributes of models whose logits are not ``hidden @ W^T``, with the values that leave
+# them unchanged; any other value would make every log-prob the fused op computes wrong (a scale
+# is a temperature: it changes the NLL, the capped bound, NPO and the KL alike). Gemma-2/3 soft-cap
+# their logits, Cohere multiplies them by logit_scale, Granite divides them by logits_scaling,
+# Falcon-H1 multiplies by lm_head_multiplier, muP-style models (Phi-3-small) divide by
+# mup_width_multiplier.
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": (None,),
+    "logit_scale": (None, 1, 1.0),
+    "output_multiplier_scale": (None, 1, 1.0),
+    "logits_scaling": (None, 1, 1.0),
+    "lm_head_multiplier": (None, 1, 1.0),
+    "mup_width_multiplier": (None, 1, 1.0),
+}
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -36,8 +48,8 @@ def check_plain_head(model: nn.Module, where: str) -> None:
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None:
         raise ConfigError(f"{where}: the model's output layer must be a bias-free linear head")
-    for attr in _UNSUPPORTED_LOGIT_TRANSFORMS:
-        if getattr(model.config, attr, None) not in (None, 1.0, 1):
+    for attr, identity in _LOGIT_TRANSFORMS.items():
+        if getattr(model.config, attr, None) not in identity:
             raise ConfigError(f"{where}: models with {attr}={getattr(model.config, attr)!r} transform "
                               "their logits; the fused log-prob op supports plain linear heads only")
 
