@@ -142,7 +142,9 @@ class OptimisationConfig:
     # Learning rate at the end of the decay, as a fraction of ``lr``.
     min_lr_ratio: float = 0.0
     gradient_accumulation_steps: int = 1
-    # Optimizer steps; when None, ``epochs`` over the primary set (sft or forget) decides.
+    # Optimizer steps; when None, ``epochs`` over the primary set (sft or forget) decides. The
+    # default, 100, applies only to a config that gives no ``epochs``: a config that gives
+    # ``epochs`` and no ``max_steps`` trains by epochs. Given both, ``max_steps`` wins (logged).
     max_steps: Optional[int] = 100
     epochs: Optional[float] = None
     seed: int = 0
@@ -366,6 +368,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Ru
     if overrides:
         source += " (with overrides)"
     config = build_dataclass(RunConfig, data, "", source)
+    given = data.get("optimisation") if isinstance(data, dict) else None
+    if isinstance(given, dict) and given.get("epochs") is not None and "max_steps" not in given:
+        config.optimisation.max_steps = None  # epochs given, max_steps not: the default 100 does not apply
     validate(config, source)
     return config
 
@@ -402,6 +407,11 @@ def validate(config: RunConfig, source: str = "config") -> None:
             need(bool(f.path), f"{where}.path", "not set")
             need(f.repeat > 0, f"{where}.repeat", "must be > 0")
             need(f.max_records is None or f.max_records >= 1, f"{where}.max_records", "must be >= 1")
+    # Without a file of its own the KL set is the replay set; a set-level cap cannot apply to the
+    # replay set's files (each file has its own), so it would be silently ignored.
+    need(not (d.kl.max_records is not None and d.kl.path is None and not d.kl.files and d.replay.files),
+         "data.kl.max_records", "the KL set falls back to data.replay.files, which take max_records per "
+         "file; give data.kl.path or data.kl.files (with max_records on each file) instead")
     ob = config.objective
     need(ob.tau > 0, "objective.tau", "must be > 0")
     need(ob.beta > 0, "objective.beta", "must be > 0")

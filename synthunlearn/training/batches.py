@@ -10,7 +10,7 @@ exactly on resume.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 
@@ -53,7 +53,9 @@ def micro_batch_size(global_batch: int, key: str, world_size: int, accumulation:
 
 
 def build_sets(names: list[str], data: DataConfig, tokenizer, *, rank: int, world_size: int,
-               accumulation: int, seed: int) -> dict[str, DataSet]:
+               accumulation: int, seed: int, unpacked: Collection[str] = ()) -> dict[str, DataSet]:
+    """The training (and held-out) sets of ``names``; ``data.packing`` applies to every set except
+    those in ``unpacked``, whose loss treats each row as one example."""
     sets = {}
     for name in names:
         src, key = source_for(data, name)
@@ -61,7 +63,8 @@ def build_sets(names: list[str], data: DataConfig, tokenizer, *, rank: int, worl
             raise ConfigError(f"data.{name}.path: the objective needs the {name} set; give its file "
                               f"(path) or files (data.{name}.files)")
         mbs = micro_batch_size(getattr(data, name).global_batch_size, f"data.{name}", world_size, accumulation)
-        train = build_dataset(src, key, tokenizer, max_length=data.max_length, packing=data.packing)
+        train = build_dataset(src, key, tokenizer, max_length=data.max_length,
+                              packing=data.packing and name not in unpacked)
         evaluation = None
         if src.eval_path is not None:
             evaluation = build_dataset(src, key, tokenizer, max_length=data.max_length, packing=False,

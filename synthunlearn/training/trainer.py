@@ -226,6 +226,9 @@ def policy_forward(engine, prepared: PreparedBatch, ref_weight):
 def resolve_total_steps(config: RunConfig, primary_len: int, primary_global_batch: int) -> int:
     o = config.optimisation
     if o.max_steps is not None:
+        if o.epochs is not None:
+            log.warning("optimisation.max_steps=%d and optimisation.epochs=%s are both set: max_steps "
+                        "decides (set optimisation.max_steps=null to train by epochs)", o.max_steps, o.epochs)
         return o.max_steps
     return max(1, math.ceil(o.epochs * primary_len / primary_global_batch))
 
@@ -317,8 +320,15 @@ def train(job: str, args) -> None:
                     "reference.path")
     pad_id = tokenizer.pad_token_id
     accumulation = config.optimisation.gradient_accumulation_steps
+    # A per-sequence forgetting loss bounds (or weighs) each Q-A pair on its own: its rows must be
+    # single examples, so packing never applies to that set.
+    unpacked = [FORGET] if objective.forget_active and objective.forget_unit() == "forget_seqs" else []
+    if config.data.packing and unpacked:
+        log.info("data.packing: the forget set stays one example per row (objective.forget=%s is per "
+                 "sequence); the other sets are packed", config.objective.forget)
     sets = build_sets(objective.active_sets(), config.data, tokenizer, rank=env.rank,
-                      world_size=env.world_size, accumulation=accumulation, seed=config.optimisation.seed)
+                      world_size=env.world_size, accumulation=accumulation, seed=config.optimisation.seed,
+                      unpacked=unpacked)
     if not sets:
         raise UserError(f"{args.config}: the objective has no active term (all weights are zero)")
     primary = next(iter(sets.values()))

@@ -101,6 +101,8 @@ def test_kl_set_falls_back_to_the_replay_files(files):
     ("data.replay.files=a.jsonl", ("data.replay.files", "a list of mappings")),
     ("data.replay.files=[{path: a.jsonl, repeat: lots}]", ("data.replay.files[0].repeat", "'lots'", "float")),
     ("data.replay.max_records=3", ("data.replay.max_records", "on each file")),
+    # The KL set without a file of its own is the replay files: a set-level cap would be ignored.
+    ("data.kl.max_records=3", ("data.kl.max_records", "data.replay.files", "data.kl.path")),
 ])
 def test_config_errors_name_the_entry(override, fragments):
     overrides = ["data.replay.path=null", "data.replay.files=[{path: a.jsonl}]", override]
@@ -113,3 +115,25 @@ def test_config_errors_name_the_entry(override, fragments):
 def test_path_and_files_together_is_an_error():
     with pytest.raises(ConfigError, match=r"data\.replay\.files: give either path or files, not both"):
         load_config(None, ["data.replay.path=x.jsonl", "data.replay.files=[{path: a.jsonl}]"])
+
+
+def test_kl_max_records_applies_when_the_kl_set_falls_back_to_a_replay_path():
+    config = load_config(None, ["data.kl.max_records=3"])
+    src, key = source_for(config.data, "kl")
+    assert key == "data.replay" and src.max_records == 3
+
+
+def test_packing_spares_the_sets_whose_loss_is_per_row(tok, files):
+    """A per-sequence forgetting loss bounds each Q-A pair on its own: with data.packing the trainer
+    keeps the forget set one example per row and packs the others."""
+    from synthunlearn.training.batches import build_sets
+    docs, _, qa = files
+    data = DataConfig(max_length=64, packing=True,
+                      forget=DataSourceConfig(path=str(qa), global_batch_size=1),
+                      replay=DataSourceConfig(path=str(docs), global_batch_size=1))
+    sets = build_sets(["forget", "replay"], data, tok, rank=0, world_size=1, accumulation=1, seed=0,
+                      unpacked=["forget"])
+    assert len(sets["forget"].train) == len(QA)
+    assert len(sets["replay"].train) < len(DOCS)
+    packed = build_sets(["forget"], data, tok, rank=0, world_size=1, accumulation=1, seed=0)
+    assert len(packed["forget"].train) < len(QA)
