@@ -28,8 +28,11 @@ class MetricsWriter:
         if not enabled:
             return
         if path.exists():
+            # Records up to the checkpoint stay; later ones are about to be written again. Without
+            # a checkpoint (resume_step 0) nothing stays: the run starts over, its step-0 baseline
+            # evaluation included, which would otherwise appear twice.
             kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if resume_step > 0 and line.strip() and json.loads(line).get("step", 0) <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = open(path, "a", encoding="utf-8")
         if progress_bar:

@@ -28,3 +28,16 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: s
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def reapply(scheduler) -> None:
+    """Set the optimizer's rates to what ``scheduler`` (a LambdaLR) gives at its current step.
+
+    Needed after a resume: the optimizer's state holds the rate the *saved* schedule set for the
+    next step, and LambdaLR's ``load_state_dict`` restores the step count without recomputing it.
+    When the run was resumed with another ``optimisation.max_steps`` the schedule is a different
+    function, and the first resumed update would otherwise use the old one's rate.
+    """
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -38,7 +38,7 @@ from synthunlearn.training.deepspeed_config import (build_policy_config, build_r
                                                     read_deepspeed_json, zero_stage)
 from synthunlearn.training.loss_module import PolicyWithLogProbs, ReferenceHidden, check_plain_head
 from synthunlearn.training.metrics import MetricsWriter
-from synthunlearn.training.schedule import lr_multiplier
+from synthunlearn.training.schedule import lr_multiplier, reapply as reapply_schedule
 
 log = logging.getLogger("synthunlearn")
 
@@ -365,6 +365,7 @@ def train(job: str, args) -> None:
         for name, ds in sets.items():
             ds.sampler.load_state_dict(state["samplers"][name])
         torch.set_rng_state(state["torch_rng"])
+        reapply_schedule(engine.lr_scheduler)  # max_steps may have changed, and with it the schedule
         log.info("resumed from %s at step %d", latest[1], step)
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=env.is_main, resume_step=step,
                             total_steps=total_steps, progress_bar=config.logging.progress_bar,

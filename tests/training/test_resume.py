@@ -148,3 +148,24 @@ def test_nonfinite_steps_are_skipped_or_stop_with_a_checkpoint(tmp_path):
     assert (out / "checkpoints" / "global_step3" / "COMPLETE").is_file()
     assert not (out / "final").exists()
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+def test_resuming_with_more_steps_follows_the_new_schedule_from_the_first_step(tmp_path):
+    """max_steps may change on resume (extending a finished run): every resumed step, the first
+    included, uses the rate of the schedule for the new total (the optimizer's saved rate is the old
+    schedule's, and LambdaLR's load_state_dict does not recompute it)."""
+    from synthunlearn.training.schedule import lr_multiplier
+    out = tmp_path / "extended"
+    args = ["--output-dir", str(out), "--deepspeed-config", "configs/deepspeed/zero1.json", "--save-steps", "4",
+            "logging.progress_bar=false", "logging.eval_steps=0", "data.sft.eval_path=null",
+            "optimisation.warmup_steps=2", "optimisation.schedule=cosine", "optimisation.lr=1e-3",
+            "optimisation.min_lr_ratio=0.0"]
+    run_job("sft", [*args, "--max-steps", "8"], python=True)
+    proc = run_job("sft", [*args, "--max-steps", "12"], python=True)
+    assert "resumed from" in proc.stderr + proc.stdout
+    logged = {m["step"]: m["lr"] for m in read_metrics(out) if "lr" in m}
+    assert sorted(logged) == list(range(1, 13))
+    for step in range(1, 13):
+        total = 8 if step <= 8 else 12
+        expected = 1e-3 * lr_multiplier(step - 1, total_steps=total, warmup_steps=2, schedule="cosine", min_lr_ratio=0.0)
+        assert logged[step] == pytest.approx(expected, rel=1e-6), step
