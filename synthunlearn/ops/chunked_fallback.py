@@ -10,7 +10,8 @@ C++ kernel (Python loop over tiles, several elementwise passes per tile) but dev
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from synthunlearn.ops.common import check_label_range, first_order_backward
 
 CHUNK_N = 256
 CHUNK_V = 2048
@@ -147,7 +148,7 @@ class _ChunkedLinearLogprobKL(torch.autograd.Function):
         return logp, kl, ref_logp
 
     @staticmethod
-    @once_differentiable  # the gradients are computed outside autograd: no double backward
+    @first_order_backward("chunked fallback")  # gradients computed outside autograd: no double backward
     def backward(ctx, grad_logp, grad_kl, _grad_ref_logp):
         hidden, weight, y, valid, ref_hidden, ref_weight, stats = ctx.saved_tensors
         direction, chunk_n, chunk_v, has_ref = ctx.settings
@@ -187,6 +188,10 @@ class _ChunkedLinearLogprobKL(torch.autograd.Function):
 def linear_logprob_kl_chunked(hidden, weight, labels, ref_hidden=None, ref_weight=None, *,
                               kl_direction="forward", ignore_index=-100, chunk_n=None, chunk_v=None):
     """Returns ``(logp, kl, ref_logp)`` (kl/ref_logp None without a reference)."""
+    # The tile loop finds the target logit by a range test per vocabulary tile: a label outside
+    # [0, V) would match no tile and leave z_y = 0, i.e. logp = -logsumexp(z), without an error.
+    # linear_logprob_kl checks this already; the check is repeated for direct calls (O(N), CPU).
+    check_label_range(labels, weight.shape[0], ignore_index)
     if ref_hidden is not None:
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     logp, kl, ref_logp = _ChunkedLinearLogprobKL.apply(

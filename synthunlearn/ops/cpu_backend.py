@@ -38,7 +38,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from synthunlearn.ops.common import first_order_backward
 
 # Tile sizes (settings).  block_n tokens x block_v vocabulary entries per tile; the kernel shrinks
 # block_n when there are fewer than threads x block_n tokens so that every thread gets work.
@@ -135,7 +136,7 @@ class _LinearLogprobKLCpu(torch.autograd.Function):
         return logp, kl, ref_logp
 
     @staticmethod
-    @once_differentiable  # the gradients are computed outside autograd: no double backward
+    @first_order_backward("cpu")  # the gradients are computed outside autograd: no double backward
     def backward(ctx, grad_logp, grad_kl, _grad_ref_logp):
         hidden, weight, labels, ref_hidden, ref_weight, stats = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -8,6 +8,10 @@ Public interface (the trainer and outside checks call exactly this)::
     out.kl        (N,) float32 or None; "forward" KL(p_ref || p_theta), "reverse" KL(p_theta || p_ref)
     out.ref_logp  (N,) float32 or None; the reference's target log-prob, no gradient
 
+Every label must lie in [0, V) or equal ``ignore_index`` (ValueError otherwise, whatever the
+backend). The fused backends ("triton", "cpu", the chunked fallback) are differentiable once:
+``create_graph=True`` through them raises; "torch" supports higher-order derivatives.
+
 Backends: "torch" (materialising oracle), "triton" (CUDA, or CPU under TRITON_INTERPRET=1),
 "cpu" (C++ extension), "auto" (triton on CUDA, cpu on CPU).
 """
@@ -18,6 +22,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from synthunlearn.ops.common import check_label_range
 from synthunlearn.ops.torch_reference import linear_logprob_kl_torch
 
 KL_DIRECTIONS = ("forward", "reverse")
@@ -30,7 +35,7 @@ class LogProbKL(NamedTuple):
     ref_logp: Optional[torch.Tensor]
 
 
-def _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, kl_direction, backend):
+def _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, kl_direction, ignore_index, backend):
     if kl_direction not in KL_DIRECTIONS:
         raise ValueError(f"kl_direction must be one of {KL_DIRECTIONS}, got {kl_direction!r}")
     if backend not in BACKENDS:
@@ -48,6 +53,10 @@ def _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, kl_direction, 
             raise ValueError(f"ref_hidden (N, D_ref) and ref_weight (V, D_ref) must match N={hidden.shape[0]}"
                              f" and V={weight.shape[0]}, got {tuple(ref_hidden.shape)} and "
                              f"{tuple(ref_weight.shape)}")
+    # Here, not in each backend, so that every backend (and the chunked fallback that "auto"
+    # reaches when the C++ build fails) rejects a label without a logit the same way.  On CUDA
+    # this costs one host sync per call (see check_label_range).
+    check_label_range(labels, weight.shape[0], ignore_index)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -58,7 +67,7 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
 
 def linear_logprob_kl(hidden, weight, labels, ref_hidden=None, ref_weight=None, *,
                       kl_direction="forward", ignore_index=-100, backend="auto") -> LogProbKL:
-    _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, kl_direction, backend)
+    _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, kl_direction, ignore_index, backend)
     requested, backend = backend, _resolve_backend(backend, hidden.device)
     if backend == "torch":
         return LogProbKL(*linear_logprob_kl_torch(hidden, weight, labels, ref_hidden, ref_weight,

@@ -13,28 +13,59 @@ statistics (streaming log-sum-exp, as in Cut Cross-Entropy):
     m_p, s_p   running max and sum_v exp(z_v - m_p)            -> LSE_p = m_p + log s_p
     m_q, s_q   the same for zq                                  -> LSE_q
     t_p, t_q   z_y and zq_y, picked out of the tile that holds y
-    a          forward KL: sum_v exp(zq_v - m_q) (zq_v - z_v)   (rescaled with m_q, like s_q)
-               reverse KL: sum_v exp(z_v  - m_p) (z_v - zq_v)   (rescaled with m_p, like s_p)
+    a          the KL cross term, in logits shifted by per-token reference points:
+               forward KL: A = sum_v exp(zq_v - m_q) ((zq_v - m_q) - (z_v - m_p))
+               reverse KL: B = sum_v exp(z_v  - m_p) ((z_v - m_p) - (zq_v - r_q))
+    r_q        reverse KL only: zq at the running argmax of z (the mode of p), see below
 
-Each split writes its partial statistics (7 x S x N floats); a few O(S N) torch ops merge them
-(max-rescaling once more) into
+When a tile moves the references from (m_p, m_q, r_q) to (m_p', m_q', r_q'), the terms already summed
+are moved to the new shifts and rescaled like s (s_*, A, B, m_*, r_q are the values before the tile):
 
-    logp     = t_p - LSE_p
-    ref_logp = t_q - LSE_q
-    forward KL(q || p) = sum q (log q - log p) = sum q (zq - z) - LSE_q + LSE_p = a / s_q + LSE_p - LSE_q
-    reverse KL(p || q) = sum p (log p - log q) = sum p (z - zq) - LSE_p + LSE_q = a / s_p - LSE_p + LSE_q
+    A' = e^{m_q - m_q'} (A + s_q ((m_q - m_q') - (m_p - m_p'))) + sum_tile e^{zq - m_q'} ((zq - m_q') - (z - m_p'))
+    B' = e^{m_p - m_p'} (B + s_p ((m_p - m_p') - (r_q - r_q'))) + sum_tile e^{z - m_p'} ((z - m_p') - (zq - r_q'))
+
+(on the first tile m = -inf and s = A = B = 0: the moves of the maxima are taken as 0, so the old part
+is 0, not NaN; r_q starts at 0, finite).
+
+Each split writes its partial statistics (8 x S x N floats); a few O(S N) torch ops merge them
+with the same recurrence (each split's references moved to the global ones) into
+
+    logp     = (t_p - m_p) - log s_p
+    ref_logp = (t_q - m_q) - log s_q
+    forward KL(q || p) = sum q (log q - log p),  log q = (zq - m_q) - log s_q,  log p = (z - m_p) - log s_p
+                       = A / s_q + log(s_p / s_q)
+    reverse KL(p || q) = sum p (log p - log q),  log q = (zq - r_q) - (m_q - r_q) - log s_q
+                       = B / s_p + (m_q - r_q) - log(s_p / s_q)
+
+log s_p - log s_q is taken as the log of the ratio: for nearly equal heads (KL ~ 1e-7) the difference
+of two rounded logs (~6 each, ulp 5e-7) would be all rounding error.
+
+Why shifted: the KL is invariant to a per-token constant added to either head's logits, and so is
+every term above: (zq - m_q), (zq - r_q), (z - m_p) and m_q - r_q are O(spread of the logits), not
+O(|z|). An unshifted sum q (zq - z) + LSE_p - LSE_q subtracts quantities of size |zq - z| and
+LSE ~ |z|, each rounded to fp32 (ulp 6e-5 at 1e3), to get a KL that may be 1e-3: at a per-token
+reference offset of 1e3 its error was ~2e-4, against ~3e-7 now, as in the C++ kernel.
+
+Why r_q, not m_q, for the reverse KL: its backward recomputes d_v = (z_v - m_p) - (zq_v - r_q) and
+subtracts the forward's E_p[d] = B / s_p. When p is peaked (|z| ~ 1e3), d_v - E_p[d] at the mode is
+a near-cancellation that only works if the forward's term for the mode equals the backward's d
+bitwise. With r_q = zq at the mode, that term is exactly 0 in both passes ((z - m_p) and (zq - r_q)
+are both x - x); with m_q it would be (zq - m_q) rounded once against the tile-time m_q and again
+against the final one, ~ulp(|zq - m_q|) apart: at |z| ~ 5e3 the dH error was then 1.6e-4 of its
+largest entry (as in the C++ kernel; 1.7e-5 with the former unshifted sum), 6e-8 with r_q. The
+forward KL's backward is p - q and uses no such mean, so A keeps the C++ kernel's m_p.
 
 Why one pass, not two: the textbook forward KL needs LSE_p and LSE_q before it can weigh
 log q - log p, i.e. a second pass over V (another 4NDV FLOPs). Expanding log q - log p shows the LSEs
-enter only as a per-token constant once sum q = 1 is used, so the remaining sum_v q_v (zq_v - z_v)
-can be streamed with the same running-max rescaling as s_q: exact, one pass, the same for reverse.
+enter only as a per-token constant once sum q = 1 is used, so the remaining cross term can be
+streamed with running-max rescaling like s_q: exact, one pass, the same for reverse.
 S (vocab splits) exists only for GPU occupancy when N is small; it does not depend on N, so the
 partial buffer is O(N).
 
 Saved for backward: the inputs themselves (no copies unless a dtype cast was needed) and one
-(5, N) fp32 tensor per call: LSE_p and LSE_q each as (max, log-sum) -- log p = (z - m) - log s keeps
+(6, N) fp32 tensor per call: LSE_p and LSE_q each as (max, log-sum) -- log p = (z - m) - log s keeps
 full precision at |z| ~ 1e3, where the rounded m + log s would not -- and, for the reverse KL,
-E_p[z - zq] = a / s_p. Nothing of size V.
+E_p[d] = B / s_p and r_q. Nothing of size V.
 
 Backward: recompute the tiles
 -----------------------------
@@ -43,14 +74,17 @@ With g_l, g_k the upstream gradients of logp and kl (either may be absent):
     d logp / dz_v = onehot_v - p_v
     forward KL:  d/dz_v sum q (log q - log p) = -q_v + p_v sum q = p_v - q_v
     reverse KL:  KL = sum p z - LSE_p - sum p log q,  d p_u / dz_v = p_u (delta_uv - p_v)
-                 => d/dz_v = p_v (log p_v - log q_v - KL) = p_v ((z_v - zq_v) - E_p[z - zq])
-                 (the LSEs cancel; using the right-hand form avoids a cancellation between
-                 log p - log q and KL, each ~1e3 when |z| ~ 1e3, so the backward needs no LSE_q)
+                 => d/dz_v = p_v (log p_v - log q_v - KL) = p_v (d_v - E_p[d]),
+                    d_v = (z_v - m_p) - (zq_v - r_q),  E_p[d] = B / s_p
+                 (log p - log q - KL = d - E_p[d]: the constants -(m_q - r_q) - log s_p + log s_q
+                 cancel, and d is shift-invariant, so neither an LSE ~1e3 nor a per-token offset
+                 between the heads enters the subtraction)
     dZ = g_l (onehot - p) + g_k (the KL term);   dH = dZ W,   dW = dZ^T H
 
 dZ is formed tile by tile in fp32 (the onehot "-1" before any rounding, Liger #1329), cast to the
 matmul dtype, multiplied over D chunks, and accumulated into fp32 gradient buffers (Liger #512).
-Token blocks whose upstream gradients are all zero (ignored/prompt tokens) are skipped.
+Token blocks whose upstream gradients are all exactly zero (ignored/prompt tokens) are skipped;
+a NaN upstream gradient counts as non-zero and propagates.
 Kernels, chosen by which inputs need a gradient:
   * both dH and dW, default: grid (token blocks x vocab blocks), each tile computes dZ once and
     atomically adds its dZ W / dZ^T H contributions. fp32 atomics: order-dependent rounding.
@@ -83,13 +117,13 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from synthunlearn.errors import UserError
+from synthunlearn.ops.common import check_label_range, first_order_backward
 from synthunlearn.ops.triton_kernels import dlogits_tile, load_rows, logits_tile, mma, online_lse_step, target_logit
 
 DETERMINISTIC_ENV = "SYNTHUNLEARN_DETERMINISTIC"
-_NUM_STATS = 7  # m_p, s_p, t_p, m_q, s_q, t_q, a  (see the module docstring)
+_NUM_STATS = 8  # m_p, s_p, t_p, m_q, s_q, t_q, a, r_q  (see the module docstring)
 
 
 class TritonBackendError(UserError, RuntimeError):
@@ -147,7 +181,8 @@ def _forward_kernel(h_ptr, w_ptr, rh_ptr, rw_ptr, labels_ptr, stats_ptr,
     m_q = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     s_q = tl.zeros((BLOCK_N,), tl.float32)
     t_q = tl.zeros((BLOCK_N,), tl.float32)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N,), tl.float32)  # A (forward KL) or B (reverse KL), see the docstring
+    r_q = tl.zeros((BLOCK_N,), tl.float32)  # reverse KL: zq at the running argmax of z
 
     for vt in range(split, n_vtiles, n_splits):
         offs_v = vt * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -155,17 +190,35 @@ def _forward_kernel(h_ptr, w_ptr, rh_ptr, rw_ptr, labels_ptr, stats_ptr,
         z = logits_tile(h_ptr, w_ptr, offs_n, offs_v, n_mask, v_mask, D,
                         BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
         t_p += target_logit(z, offs_v, labels)
+        m_p_old = m_p
+        s_p_old = s_p
         m_p, s_p, alpha_p, e_p = online_lse_step(m_p, s_p, tl.where(v_mask[None, :], z, float("-inf")))
         if HAS_REF:
             zq = logits_tile(rh_ptr, rw_ptr, offs_n, offs_v, n_mask, v_mask, D_REF,
                              BLOCK_N, BLOCK_V, BLOCK_D, REF_PRECISION)
             t_q += target_logit(zq, offs_v, labels)
+            m_q_old = m_q
+            s_q_old = s_q
             m_q, s_q, alpha_q, e_q = online_lse_step(m_q, s_q, tl.where(v_mask[None, :], zq, float("-inf")))
-            # e_* is 0 at masked columns, where z and zq are 0 (finite): no 0 * inf.
-            if FORWARD_KL:
-                acc = acc * alpha_q + tl.sum(e_q * (zq - z), axis=1)
-            else:
-                acc = acc * alpha_p + tl.sum(e_p * (z - zq), axis=1)
+            # Move of m_p (<= 0); 0 on the first tile, where m_old = -inf and s_old = acc = 0.
+            dp = tl.where(m_p_old == float("-inf"), 0.0, m_p_old - m_p)
+            # Logits shifted by per-token reference points: O(spread of the logits), whatever their
+            # offset. e_* is 0 at masked columns, where z and zq are 0 (finite): no 0 * inf.
+            zs = z - m_p[:, None]
+            if FORWARD_KL:  # A' = e^{dq} (A + s_q (dq - dp)) + sum e^{zq - m_q'} ((zq - m_q') - (z - m_p'))
+                dq = tl.where(m_q_old == float("-inf"), 0.0, m_q_old - m_q)
+                acc = alpha_q * (acc + s_q_old * (dq - dp)) + tl.sum(e_q * ((zq - m_q[:, None]) - zs), axis=1)
+            else:  # B' = e^{dp} (B + s_p (dp - dr)) + sum e^{z - m_p'} ((z - m_p') - (zq - r_q'))
+                # r_q follows the argmax of z: it moves only when this tile raised m_p, and then to
+                # zq where z == m_p' in this tile (the largest such zq if z ties; the set is not
+                # empty then). r_q starts at 0, so dr is finite on the first tile (where
+                # s_p_old = acc = alpha_p = 0).
+                at_mode = v_mask[None, :] & (z == m_p[:, None])
+                zq_at_mode = tl.max(tl.where(at_mode, zq, float("-inf")), axis=1)
+                r_q_new = tl.where(m_p > m_p_old, zq_at_mode, r_q)
+                dr = r_q - r_q_new
+                acc = alpha_p * (acc + s_p_old * (dp - dr)) + tl.sum(e_p * (zs - (zq - r_q_new[:, None])), axis=1)
+                r_q = r_q_new
 
     out = stats_ptr + split * N + offs_n
     stride = n_splits * N  # stats is (_NUM_STATS, S, N)
@@ -176,13 +229,14 @@ def _forward_kernel(h_ptr, w_ptr, rh_ptr, rw_ptr, labels_ptr, stats_ptr,
     tl.store(out + 4 * stride, s_q, mask=n_mask)
     tl.store(out + 5 * stride, t_q, mask=n_mask)
     tl.store(out + 6 * stride, acc, mask=n_mask)
+    tl.store(out + 7 * stride, r_q, mask=n_mask)
 
 
 @triton.jit
 def _load_token_stats(offs_n, n_mask, labels_ptr, tok_ptr, g_logp_ptr, g_kl_ptr, N,
                       HAS_KL_GRAD: tl.constexpr):
-    """Per-token inputs of dlogits_tile. ``tok`` is (5, N): m_p, ls_p, m_q, ls_q, E_p[z - zq]
-    (see _merge_splits); upstream grads are already 0 at ignored tokens."""
+    """Per-token inputs of dlogits_tile. ``tok`` is (6, N): m_p, ls_p, m_q, ls_q, E_p[d], r_q with
+    d = (z - m_p) - (zq - r_q) (see _merge_splits); upstream grads are already 0 at ignored tokens."""
     labels = tl.load(labels_ptr + offs_n, mask=n_mask, other=-1)
     m_p = tl.load(tok_ptr + offs_n, mask=n_mask, other=0.0)
     ls_p = tl.load(tok_ptr + N + offs_n, mask=n_mask, other=0.0)
@@ -191,14 +245,22 @@ def _load_token_stats(offs_n, n_mask, labels_ptr, tok_ptr, g_logp_ptr, g_kl_ptr,
         m_q = tl.load(tok_ptr + 2 * N + offs_n, mask=n_mask, other=0.0)
         ls_q = tl.load(tok_ptr + 3 * N + offs_n, mask=n_mask, other=0.0)
         mean_diff = tl.load(tok_ptr + 4 * N + offs_n, mask=n_mask, other=0.0)
+        r_q = tl.load(tok_ptr + 5 * N + offs_n, mask=n_mask, other=0.0)
         g_kl = tl.load(g_kl_ptr + offs_n, mask=n_mask, other=0.0)
     else:
         m_q = tl.zeros_like(m_p)
         ls_q = tl.zeros_like(m_p)
         mean_diff = tl.zeros_like(m_p)
+        r_q = tl.zeros_like(m_p)
         g_kl = tl.zeros_like(m_p)
-    live = tl.max(tl.abs(g_logp) + tl.abs(g_kl), axis=0) > 0  # any gradient in this token block
-    return labels, m_p, ls_p, m_q, ls_q, mean_diff, g_logp, g_kl, live
+    # Skip the block only when every upstream gradient in it is exactly 0 (ignored tokens, padding
+    # rows). Counted with != 0, which is true for NaN (IEEE unordered compare), so a NaN upstream
+    # gradient reaches dH / dW as NaN, as in the other backends. A max of |g| would not do: NaN
+    # compares false with anything (and tl.max, like fmax, may drop NaN), so an all-NaN block
+    # looked dead and came back as zero gradients.
+    nonzero = (g_logp != 0.0) | (g_kl != 0.0)
+    live = tl.sum(nonzero.to(tl.int32), axis=0) > 0
+    return labels, m_p, ls_p, m_q, ls_q, mean_diff, r_q, g_logp, g_kl, live
 
 
 @triton.jit
@@ -212,11 +274,11 @@ def _backward_atomic_kernel(h_ptr, w_ptr, rh_ptr, rw_ptr, labels_ptr, tok_ptr,
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     n_mask = offs_n < N
     v_mask = offs_v < V
-    labels, m_p, ls_p, m_q, ls_q, mean_diff, g_logp, g_kl, live = _load_token_stats(
+    labels, m_p, ls_p, m_q, ls_q, mean_diff, r_q, g_logp, g_kl, live = _load_token_stats(
         offs_n, n_mask, labels_ptr, tok_ptr, g_logp_ptr, g_kl_ptr, N, HAS_KL_GRAD)
     if live:
         dz = dlogits_tile(h_ptr, w_ptr, rh_ptr, rw_ptr, offs_n, offs_v, n_mask, v_mask, labels,
-                          m_p, ls_p, m_q, ls_q, mean_diff, g_logp, g_kl, D, D_REF, HAS_KL_GRAD, FORWARD_KL,
+                          m_p, ls_p, m_q, ls_q, mean_diff, r_q, g_logp, g_kl, D, D_REF, HAS_KL_GRAD, FORWARD_KL,
                           BLOCK_N, BLOCK_V, BLOCK_D, PRECISION, REF_PRECISION)
         dz = dz.to(h_ptr.dtype.element_ty)
         for d0 in range(0, D, BLOCK_D):
@@ -254,14 +316,14 @@ def _backward_dh_kernel(h_ptr, w_ptr, rh_ptr, rw_ptr, labels_ptr, tok_ptr,
     """Grid (token blocks,): dH rows accumulated over vocab tiles in order. Deterministic."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    labels, m_p, ls_p, m_q, ls_q, mean_diff, g_logp, g_kl, live = _load_token_stats(
+    labels, m_p, ls_p, m_q, ls_q, mean_diff, r_q, g_logp, g_kl, live = _load_token_stats(
         offs_n, n_mask, labels_ptr, tok_ptr, g_logp_ptr, g_kl_ptr, N, HAS_KL_GRAD)
     if live:
         for vt in range(0, n_vtiles):
             offs_v = vt * BLOCK_V + tl.arange(0, BLOCK_V)
             v_mask = offs_v < V
             dz = dlogits_tile(h_ptr, w_ptr, rh_ptr, rw_ptr, offs_n, offs_v, n_mask, v_mask, labels,
-                              m_p, ls_p, m_q, ls_q, mean_diff, g_logp, g_kl, D, D_REF, HAS_KL_GRAD, FORWARD_KL,
+                              m_p, ls_p, m_q, ls_q, mean_diff, r_q, g_logp, g_kl, D, D_REF, HAS_KL_GRAD, FORWARD_KL,
                               BLOCK_N, BLOCK_V, BLOCK_D, PRECISION, REF_PRECISION)
             dz = dz.to(h_ptr.dtype.element_ty)
             for d0 in range(0, D, BLOCK_D):
@@ -282,11 +344,11 @@ def _backward_dw_kernel(h_ptr, w_ptr, rh_ptr, rw_ptr, labels_ptr, tok_ptr,
     for nt in range(0, n_ntiles):
         offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        labels, m_p, ls_p, m_q, ls_q, mean_diff, g_logp, g_kl, live = _load_token_stats(
+        labels, m_p, ls_p, m_q, ls_q, mean_diff, r_q, g_logp, g_kl, live = _load_token_stats(
             offs_n, n_mask, labels_ptr, tok_ptr, g_logp_ptr, g_kl_ptr, N, HAS_KL_GRAD)
         if live:
             dz = dlogits_tile(h_ptr, w_ptr, rh_ptr, rw_ptr, offs_n, offs_v, n_mask, v_mask, labels,
-                              m_p, ls_p, m_q, ls_q, mean_diff, g_logp, g_kl, D, D_REF, HAS_KL_GRAD, FORWARD_KL,
+                              m_p, ls_p, m_q, ls_q, mean_diff, r_q, g_logp, g_kl, D, D_REF, HAS_KL_GRAD, FORWARD_KL,
                               BLOCK_N, BLOCK_V, BLOCK_D, PRECISION, REF_PRECISION)
             dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
             for d0 in range(0, D, BLOCK_D):
@@ -356,21 +418,22 @@ def _sm_count(index: Optional[int]) -> int:
 
 
 def _check_labels(labels: torch.Tensor, valid: torch.Tensor, V: int, ignore_index: int):
-    """Labels outside [0, V) would silently read no target logit. On CUDA an asynchronous device
-    assert (no host sync per call, like torch's own gather); elsewhere a ValueError."""
-    message = f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}"
-    in_range = ~valid | ((labels >= 0) & (labels < V))
+    """Labels outside [0, V) would silently read no target logit. linear_logprob_kl has checked
+    them already (a ValueError, one host sync on CUDA); this guards direct calls. On CUDA an
+    asynchronous device assert (no second host sync per call, like torch's own gather);
+    elsewhere the shared ValueError check."""
     if labels.device.type == "cuda":
-        torch._assert_async(in_range.all(), message)
-    elif labels.numel() and not bool(in_range.all()):
-        raise ValueError(message)
+        in_range = ~valid | ((labels >= 0) & (labels < V))
+        torch._assert_async(in_range.all(), f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    else:
+        check_label_range(labels, V, ignore_index)
 
 
 def _merge_splits(stats: torch.Tensor, has_ref: bool, forward_kl: bool):
-    """Combine the per-split statistics (7, S, N) into the per-token (5, N) tensor saved for
-    backward, [m_p, ls_p, m_q, ls_q, E_p[z - zq] (reverse KL only)] (LSE = m + ls, kept apart for
-    precision), and logp, ref_logp, kl (not yet masked)."""
-    m_p, s_p, t_p, m_q, s_q, t_q, acc = stats.unbind(0)
+    """Combine the per-split statistics (8, S, N) into the per-token (6, N) tensor saved for
+    backward, [m_p, ls_p, m_q, ls_q, E_p[d], r_q] (LSE = m + ls, kept apart for precision; the last
+    two for the reverse KL only, d = (z - m_p) - (zq - r_q)), and logp, ref_logp, kl (not yet masked)."""
+    m_p, s_p, t_p, m_q, s_q, t_q, acc, r_q = stats.unbind(0)
 
     def rescaled(m, s):
         top = m.max(dim=0).values
@@ -378,7 +441,7 @@ def _merge_splits(stats: torch.Tensor, has_ref: bool, forward_kl: bool):
         return top, scale, (s * scale).sum(0)
 
     top_p, scale_p, sum_p = rescaled(m_p, s_p)
-    tok = torch.zeros((5,) + top_p.shape, device=stats.device, dtype=torch.float32)
+    tok = torch.zeros((6,) + top_p.shape, device=stats.device, dtype=torch.float32)
     tok[0], tok[1] = top_p, torch.log(sum_p)
     # log p_y = (z_y - m) - log s: subtract the max first, as log_softmax does.
     logp = (t_p.sum(0) - top_p) - tok[1]
@@ -387,12 +450,22 @@ def _merge_splits(stats: torch.Tensor, has_ref: bool, forward_kl: bool):
         top_q, scale_q, sum_q = rescaled(m_q, s_q)
         tok[2], tok[3] = top_q, torch.log(sum_q)
         ref_logp = (t_q.sum(0) - top_q) - tok[3]
-        lse_p_minus_lse_q = (top_p - top_q) + (tok[1] - tok[3])
-        if forward_kl:  # E_q[zq - z] + LSE_p - LSE_q
-            kl = (acc * scale_q).sum(0) / sum_q + lse_p_minus_lse_q
-        else:  # E_p[z - zq] - (LSE_p - LSE_q); the backward needs E_p[z - zq] alone
-            tok[4] = (acc * scale_p).sum(0) / sum_p
-            kl = tok[4] - lse_p_minus_lse_q
+        # Each split's A (or B) is shifted by that split's reference points: move it to the global
+        # ones with the recurrence of the kernel (finite: every split saw a vocabulary tile).
+        d_p = m_p - top_p
+        # log s_p - log s_q as one log of the ratio: when the heads are close (KL ~ 1e-7) the
+        # difference of the two rounded logs (~6 each, ulp 5e-7) would be all rounding error.
+        log_ratio = torch.log(sum_p / sum_q)
+        if forward_kl:  # KL(q || p) = A / s_q - log s_q + log s_p
+            cross = (scale_q * (acc + s_q * ((m_q - top_q) - d_p))).sum(0)
+            kl = cross / sum_q + log_ratio
+        else:  # KL(p || q) = B / s_p + (m_q - r_q) - log s_p + log s_q
+            # The global mode of p is the mode of the split with the largest m_p: its r_q is the
+            # global reference (so the mode's own term stays exactly 0, see the module docstring).
+            r_top = r_q.gather(0, m_p.argmax(dim=0, keepdim=True)).squeeze(0)
+            tok[4] = (scale_p * (acc + s_p * (d_p - (r_q - r_top)))).sum(0) / sum_p  # E_p[d]
+            tok[5] = r_top
+            kl = tok[4] + (top_q - r_top) - log_ratio
     else:
         kl = torch.zeros_like(logp)
     return tok, logp, ref_logp, kl
@@ -414,7 +487,7 @@ class _LinearLogProbKL(torch.autograd.Function):
         _check_labels(labels, valid, V, ignore_index)
 
         if N == 0:
-            tok = torch.zeros((5, 0), device=device, dtype=torch.float32)
+            tok = torch.zeros((6, 0), device=device, dtype=torch.float32)
             logp, ref_logp, kl = (torch.zeros(0, device=device) for _ in range(3))
         else:
             n_ntiles = triton.cdiv(N, cfg.block_n)
@@ -443,7 +516,7 @@ class _LinearLogProbKL(torch.autograd.Function):
         return logp, kl, ref_logp
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward("triton")  # the gradients are computed by kernels: no double backward
     def backward(ctx, grad_logp, grad_kl, _grad_ref_logp):
         h, w, rh, rw, labels, tok = ctx.saved_tensors
         forward_kl, has_ref, ignore_index, cfg, deterministic, h_dtype, w_dtype = ctx.meta

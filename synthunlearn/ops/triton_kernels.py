@@ -70,7 +70,7 @@ def target_logit(z, offs_v, labels):
 
 @triton.jit
 def dlogits_tile(h_ptr, w_ptr, rh_ptr, rw_ptr, offs_n, offs_v, n_mask, v_mask, labels,
-                 m_p, ls_p, m_q, ls_q, mean_diff, g_logp, g_kl, D, D_REF,
+                 m_p, ls_p, m_q, ls_q, mean_diff, r_q, g_logp, g_kl, D, D_REF,
                  HAS_KL_GRAD: tl.constexpr, FORWARD_KL: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                  PRECISION: tl.constexpr, REF_PRECISION: tl.constexpr):
@@ -83,21 +83,29 @@ def dlogits_tile(h_ptr, w_ptr, rh_ptr, rw_ptr, offs_n, offs_v, n_mask, v_mask, l
         dL/dz_v = g_l (onehot_v - p_v)
                 + g_k (p_v - q_v)                              forward KL(q || p)
                 + g_k p_v (log p_v - log q_v - KL)             reverse KL(p || q)
-          = g_k p_v ((z_v - zq_v) - E_p[z - zq])       (LSEs cancel: no ~1e3 - 1e3 rounding)
+          = g_k p_v (d_v - E_p[d]),  d_v = (z_v - m_p) - (zq_v - r_q)
+    with r_q = zq at the mode of p (``mean_diff`` = E_p[d], from the forward): log p - log q - KL
+    = d - E_p[d], the per-token constants cancel, and d is invariant to a per-token offset of
+    either head's logits, so no ~1e3 - 1e3 rounding enters (neither from |z| nor from an offset
+    between the heads); d is exactly 0 at the mode in both passes (see triton_backend).
     The onehot term is formed here in fp32, before any cast to the matmul dtype (Liger #1329).
-    Rows beyond N and columns beyond V are zeroed so they contribute nothing to dH / dW."""
+    Rows beyond N and columns beyond V are zeroed so they contribute nothing to dH / dW. At columns
+    beyond V the logits are 0, not -inf: log p and log q are set to -inf there (p = q = 0), since
+    exp(0 - m) would overflow to inf when the token's maximum m < -88 (a large negative logit
+    offset); the reverse KL's d there is finite ((0 - m_p) - (0 - r_q)) and multiplied by p = 0."""
     z = logits_tile(h_ptr, w_ptr, offs_n, offs_v, n_mask, v_mask, D,
                     BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
     log_p = (z - m_p[:, None]) - ls_p[:, None]
-    p = tl.exp(log_p)
+    p = tl.exp(tl.where(v_mask[None, :], log_p, float("-inf")))
     onehot = tl.where(offs_v[None, :] == labels[:, None], 1.0, 0.0)
     dz = g_logp[:, None] * (onehot - p)
     if HAS_KL_GRAD:
         zq = logits_tile(rh_ptr, rw_ptr, offs_n, offs_v, n_mask, v_mask, D_REF,
                          BLOCK_N, BLOCK_V, BLOCK_D, REF_PRECISION)
         if FORWARD_KL:
-            q = tl.exp((zq - m_q[:, None]) - ls_q[:, None])
+            q = tl.exp(tl.where(v_mask[None, :], (zq - m_q[:, None]) - ls_q[:, None], float("-inf")))
             dz += g_kl[:, None] * (p - q)
-        else:  # log p - log q - KL with the LSEs cancelled: (z - zq) - E_p[z - zq]
-            dz += g_kl[:, None] * p * ((z - zq) - mean_diff[:, None])
+        else:  # log p - log q - KL with the constants cancelled: d - E_p[d], d shifted by m_p and r_q
+            d = (z - m_p[:, None]) - (zq - r_q[:, None])
+            dz += g_kl[:, None] * p * (d - mean_diff[:, None])
     return tl.where(n_mask[:, None] & v_mask[None, :], dz, 0.0)

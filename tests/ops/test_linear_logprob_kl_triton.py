@@ -134,13 +134,119 @@ def test_empty_batch():
     assert grad_h.shape == (0, D) and torch.equal(grad_w, torch.zeros(V, D))
 
 
+class _AtomicKernelLaunched(AssertionError):
+    pass
+
+
+class _ForbiddenKernel:
+    """Stands in for _backward_atomic_kernel: any launch (kernel[grid](...)) fails the test."""
+
+    def __getitem__(self, grid):
+        raise _AtomicKernelLaunched("the atomic backward kernel was launched")
+
+
 def test_deterministic_mode_is_bitwise_reproducible(monkeypatch):
-    monkeypatch.setenv(triton_backend.DETERMINISTIC_ENV, "1")
+    # Under the interpreter programs run one after another, so the atomic kernel is reproducible
+    # too and a bitwise comparison alone cannot fail on CPU. What makes the mode deterministic on a
+    # GPU is that it never launches the atomic kernel (fp32 atomics add in arrival order): check
+    # that, with the kernel replaced by one that raises, and keep the bitwise comparison.
+    monkeypatch.setattr(triton_backend, "_backward_atomic_kernel", _ForbiddenKernel())
     inputs = make_inputs(torch.bfloat16, seed=11)
-    first = run_triton(*inputs, kl_direction="reverse")
-    second = run_triton(*inputs, kl_direction="reverse")
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    with pytest.raises(_AtomicKernelLaunched):  # the stand-in is wired: the default mode hits it
+        run_triton(*inputs, kl_direction="reverse", deterministic=False)
+    for how in ("env", "torch_flag"):
+        with monkeypatch.context() as m:
+            if how == "env":
+                m.setenv(triton_backend.DETERMINISTIC_ENV, "1")
+            else:
+                m.delenv(triton_backend.DETERMINISTIC_ENV, raising=False)
+                m.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+            first = run_triton(*inputs, kl_direction="reverse")
+            if how == "env":
+                second = run_triton(*inputs, kl_direction="reverse")
+                for a, b in zip(first, second):
+                    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_nan_upstream_gradient_propagates(deterministic):
+    # A NaN loss must give NaN gradients, as in every other backend, not zeros. Tokens 32..36 form
+    # the second token block (block_n = 32) and get NaN upstream gradients on both outputs; the
+    # first block is finite. The block skip used max(|g_logp| + |g_kl|) > 0, false for NaN, so the
+    # NaN block was skipped: its dH rows came back 0 and dW finite.
+    hidden, weight, labels, rh, rw, g_l, g_k = make_inputs(torch.float32, seed=16)
+    g_l, g_k = g_l.clone(), g_k.clone()
+    g_l[32:], g_k[32:] = float("nan"), float("nan")
+    labels[32] = IGNORE  # an ignored token's NaN upstream gradient is dropped (0), as in torch
+    assert (labels[33:] != IGNORE).all()
+    for kl_direction, upstream in (("forward", (g_l, g_k)), ("reverse", (None, g_k))):
+        _, _, _, grad_h, grad_w = run_triton(hidden, weight, labels, rh, rw, *upstream,
+                                             kl_direction=kl_direction, deterministic=deterministic)
+        ref = reference_logprob_kl(hidden, weight, labels, rh, rw, kl_direction, IGNORE, *upstream)
+        for name, got, want in (("grad_hidden", grad_h, ref.grad_hidden), ("grad_weight", grad_w, ref.grad_weight)):
+            assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN pattern differs from torch"
+        assert grad_h[33:].isnan().all() and grad_w.isnan().all()
+        assert not grad_h[:33].isnan().any()
+        assert_close(grad_h[:32], ref.grad_hidden[:32], TOL[torch.float32], "grad_hidden (finite block)")
+
+
+def _offset_reference_inputs(dtype, seed, offset):
+    """Policy inputs of make_inputs; the reference head is the policy head perturbed, plus one input
+    column that adds c_i (|c_i| in [offset, 1.5 offset], either sign) to every reference logit of
+    token i:  zq_i = (h_i + 0.1 eps_i) W^T + c_i.  The KL does not depend on c_i."""
+    hidden, weight, labels, _, _, g_l, g_k = make_inputs(dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1000)
+    sign = torch.where(torch.rand(N, generator=g) < 0.5, -1.0, 1.0)
+    c = offset * sign * (1 + 0.5 * torch.rand(N, generator=g))
+    rh = torch.cat([hidden.detach().float() + 0.1 * torch.randn(N, D, generator=g), c[:, None]], 1).to(dtype)
+    rw = torch.cat([weight.detach().float(), torch.ones(V, 1)], 1).to(dtype)
+    return hidden, weight, labels, rh, rw, g_l, g_k
+
+
+@pytest.mark.parametrize("kl_direction", ["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kl_precision_at_a_large_per_token_reference_offset(dtype, kl_direction):
+    # KL is invariant to a per-token constant c added to one head's logits, so its error must be
+    # small relative to the KL itself (3e-3 .. 8e-3 here), not to |c| = 1e3. Summing q (zq - z)
+    # unshifted and adding LSE_p - LSE_q (each ~1e3, fp32 ulp 6e-5) gave relative errors of
+    # 3.5e-2 .. 6.3e-2; with the shifted cross term they are <= 2e-4, what the C++ kernel gets
+    # (0.7e-4 .. 1.2e-4): the fp32 rounding of zq ~ 1e3 itself.
+    # N=37, D=48, D_ref=49, V=1031 with 2 vocab splits: ragged tiles, a partial D chunk, a merge.
+    inputs = _offset_reference_inputs(dtype, 17, offset=1000.0)
+    hidden, weight, labels, rh, rw, g_l, g_k = inputs
+    logp, kl, ref_logp, grad_h, grad_w = run_triton(*inputs, kl_direction=kl_direction)
+    ref = reference_logprob_kl(hidden, weight, labels, rh, rw, kl_direction, IGNORE, g_l, g_k)
+    valid = labels != IGNORE
+    assert 0 < valid.sum() < N and (kl[~valid] == 0).all()
+    true_kl = ref.kl[valid]
+    assert (true_kl > 1e-3).all()  # the relative bound is meaningful
+    rel = ((kl[valid].double() - true_kl).abs() / true_kl).max().item()
+    assert rel <= 1e-3, f"KL relative error {rel:.2e} at a per-token offset of 1e3"
+    assert_close(logp, ref.logp, TOL[dtype], "logp")
+    assert_close(ref_logp, ref.ref_logp, TOL[dtype], "ref_logp")
+    # Gradients: the reverse KL's uses d - E_p[d], d = (z - m_p) - (zq - m_q), also shift-invariant.
+    assert_close(grad_h, ref.grad_hidden, TOL[dtype], "grad_hidden")
+    assert_close(grad_w, ref.grad_weight, TOL[dtype], "grad_weight")
+
+
+def test_out_of_range_label_raises_through_the_public_entry():
+    hidden, weight, labels, rh, rw, _, _ = make_inputs(torch.float32, seed=18, v=67)
+    for bad_label in (67, -1):
+        bad = labels.clone()
+        bad[5] = bad_label
+        with pytest.raises(ValueError, match=rf"label {bad_label} at token 5 is outside \[0, 67\)"):
+            linear_logprob_kl(hidden, weight, bad, rh, rw, backend="triton")
+
+
+@pytest.mark.parametrize("output", ["logp", "kl"])
+def test_double_backward_raises(output):
+    # create_graph=True through the op would silently drop the second-order terms (the upstream
+    # gradient of .sum() does not require grad, so once_differentiable let it through).
+    hidden, weight, labels, rh, rw, _, _ = make_inputs(torch.float32, seed=19, v=67)
+    out = linear_logprob_kl_triton(hidden, weight, labels, rh, rw, config=CFG)
+    value = out[0] if output == "logp" else out[1]
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        torch.autograd.grad(value.sum(), hidden, create_graph=True)
 
 
 def test_public_dispatch_and_label_validation():
