@@ -35,7 +35,7 @@ def build_parser(job: str) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help=f"YAML run config (default: {DEFAULT_CONFIGS[job]}, the embedded tiny default)")
     p.add_argument("--output-dir", default=f"runs/{job}",
-                   help="where metrics.jsonl, checkpoints/ and final/ go (default: runs/%(prog)s)")
+                   help=f"where metrics.jsonl, checkpoints/ and final/ go (default: runs/{job})")
     p.add_argument("--deepspeed-config", default=None,
                    help=f"DeepSpeed ZeRO JSON (default: {DEFAULT_DEEPSPEED})")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides optimisation.max_steps)")

@@ -13,6 +13,7 @@ Sections: ``model``, ``reference``, ``data``, ``objective``, ``optimisation``, `
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -225,6 +226,8 @@ def _convert(value: Any, tp, key: str, source: str):
                 continue
             try:
                 return _convert(value, arg, key, source)
+            except _NonFiniteError:
+                raise  # a number, just not a finite one: "expected float or null" would mislead
             except ConfigError:
                 pass
         raise _bad_value(key, value, tp, source)
@@ -253,20 +256,38 @@ def _convert(value: Any, tp, key: str, source: str):
             return value
         raise _bad_value(key, value, tp, source)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            try:
+                number = float(value)
+            except OverflowError:  # an integer literal beyond float range
+                number = math.inf
+        elif isinstance(value, str):
             # YAML 1.1 reads "3e-4" (no dot) as a string; accept what Python reads as a number.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise _bad_value(key, value, tp, source)
+        if number is None:
+            raise _bad_value(key, value, tp, source)
+        # No setting means anything at inf or nan (YAML's .inf/.nan, "inf", 1e400). inf passes
+        # validate()'s range checks (inf > 0) and nan fails them with a misleading "must be > 0",
+        # or passes where there is none (objective.gamma); either then fails much later, e.g. an
+        # OverflowError from int() of epochs or repeat, or trains on garbage.
+        if not math.isfinite(number):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise _NonFiniteError(f"{source}: {key}: invalid value {shown}; expected a finite number "
+                                  "(inf and nan are not allowed)")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         raise _bad_value(key, value, tp, source)
     raise TypeError(f"config field {key} has unsupported type {tp}")  # a bug, not user input
+
+
+class _NonFiniteError(ConfigError):
+    """A float setting given inf or nan (see ``_convert``)."""
 
 
 def _bad_value(key, value, tp, source) -> ConfigError:
@@ -313,6 +334,60 @@ def to_dict(config) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives one key twice (raised by :class:`UniqueKeyLoader`)."""
+
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(f"line {line}: duplicate key {key!r} (first given at line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping giving the same key twice.
+
+    Plain YAML loading keeps the last value, so a second ``data:`` section pasted further down a
+    config silently replaces the first one whole. Keys merged in with ``<<: *anchor`` may still be
+    overridden by the mapping's own keys, as YAML intends.
+    """
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        # The keys as written. SafeLoader's flatten_mapping later splices the keys of a ``<<``
+        # merge into node.value, where an own key overriding a merged one would look duplicated
+        # (when another mapping merging this one is constructed first).
+        node.written_keys = [key for key, _ in node.value]
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node in getattr(node, "written_keys", [key for key, _ in node.value]):
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise DuplicateKeyError(key, line, first[key])
+                    first[key] = line
+                except TypeError:  # unhashable key: SafeLoader reports it below
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(stream) -> Any:
+    """``yaml.safe_load`` that also refuses duplicate mapping keys (:class:`DuplicateKeyError`).
+
+    Same steps as ``yaml.safe_load`` with :class:`UniqueKeyLoader`, a ``SafeLoader`` subclass:
+    no Python objects are ever constructed.
+    """
+    loader = UniqueKeyLoader(stream)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"objective.tau=2.5"`` -> (["objective", "tau"], 2.5). Values are parsed as YAML scalars."""
     if "=" not in text:
@@ -322,7 +397,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {text!r}: empty key component")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load_unique(raw) if raw.strip() else None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override {text!r}: duplicate key {exc.key!r} in the value") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from None
     return parts, value
@@ -346,7 +423,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_load_unique(f)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}:{exc.line}: duplicate key {exc.key!r} (first given at line "
+                          f"{exc.first_line}); YAML would keep only the last value, so merge the "
+                          "two into one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -381,6 +462,9 @@ def validate(config: RunConfig, source: str = "config") -> None:
         if not ok:
             raise ConfigError(f"{source}: {key}: {what}")
 
+    # Loading already refuses inf/nan (_convert); this covers a config built or edited in code.
+    for key, value in _float_fields(config, ""):
+        need(math.isfinite(value), key, f"{value!r} is not a finite number")
     o = config.optimisation
     need(o.lr > 0, "optimisation.lr", "must be > 0")
     need(o.weight_decay >= 0, "optimisation.weight_decay", "must be >= 0")
@@ -424,3 +508,15 @@ def validate(config: RunConfig, source: str = "config") -> None:
     need(lg.log_steps >= 1, "logging.log_steps", "must be >= 1")
     need(lg.eval_steps >= 0, "logging.eval_steps", "must be >= 0")
     need(lg.eval_batches is None or lg.eval_batches >= 1, "logging.eval_batches", "must be >= 1")
+
+
+def _float_fields(value, key: str):
+    """``(dotted key, value)`` of every float in a config (dataclasses, lists and tuples)."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _float_fields(getattr(value, f.name), _join(key, f.name))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _float_fields(item, f"{key}[{i}]")
+    elif isinstance(value, float):
+        yield key, value

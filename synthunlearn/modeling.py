@@ -50,6 +50,12 @@ def load_tokenizer(model_cfg):
     if tok.pad_token_id is None:
         # Padding positions are masked out of attention and labels, so EOS can stand in.
         tok.pad_token = tok.eos_token
+    if tok.pad_token_id is None:
+        # Without either, the first batch cannot be padded: refuse here, before the trainer writes
+        # anything, rather than with a traceback from collate once training has started.
+        raise ConfigError(f"{key}: the tokenizer in {path} has neither a pad token nor an EOS token, "
+                          "so batches cannot be padded; set its pad_token (or eos_token) to one of its "
+                          "tokens and save it again with save_pretrained")
     return tok
 
 

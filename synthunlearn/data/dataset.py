@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from synthunlearn.config import DataSourceConfig
@@ -90,6 +92,10 @@ def repeat_examples(examples: list, repeat: float, key: str) -> list:
     fraction of ``repeat`` (``round(fraction * n)`` examples, kept in file order). The share is
     drawn from a generator with a constant seed, so it is the same on every rank, in every run and
     on resume; the training seed only changes the order, through the sampler."""
+    # Config loading refuses these; a DataFileConfig built in code reaches here unchecked, and
+    # int(inf) would raise OverflowError (nan: ValueError) instead of naming the setting.
+    if not math.isfinite(repeat) or repeat <= 0:
+        raise DataError(f"{key}.repeat={repeat}: must be a finite number > 0")
     whole, fraction = int(repeat), repeat - int(repeat)
     out = examples * whole
     extra = round(fraction * len(examples))

@@ -15,9 +15,13 @@ Accepted sources (``DataSourceConfig.path`` / ``eval_path``):
 ``format: auto`` picks by the above: directory -> disk, else by extension.
 
 JSON/JSONL files are checked line by line before ``datasets`` sees them, so a broken file fails
-with ``<file>:<line>: ...`` instead of an Arrow stack trace: every line must be a JSON object, and a
-field must hold the same JSON type (string, number, boolean, array, object) in every record, null
-allowed. Field *contents* are checked later by the formatter, which names the record.
+with ``<file>:<line>: ...`` instead of an Arrow stack trace: every line must be UTF-8 and a JSON
+object, and a field must hold the same JSON type (string, number, boolean, array, object) in every
+record, null allowed. Field *contents* are checked later by the formatter, which names the record.
+The table is built from the records that check parsed, so it always holds the file's current
+content (``load_dataset``'s cache keys a file by path, size and modification time, and would serve
+the rows of a replaced file of the same size and time); Parquet is read directly for the same
+reason. Only ``save_to_disk`` directories go through ``datasets``' own loader.
 """
 
 from __future__ import annotations
@@ -124,36 +128,65 @@ def _check_records(records, path: Path, key: str, line_numbers: Optional[list[in
                                 f"{seen[field][0]} at {seen[field][1]}; use one type per field")
 
 
-def _validate_jsonl(path: Path, key: str, limit: Optional[int]) -> list[int]:
-    """Parse every line (or the first ``limit`` records); returns their 1-based line numbers."""
+def _parse_int(text: str):
+    # Arrow columns hold 64-bit integers; datasets' JSON reader turned larger ones into float64,
+    # which is kept here so such a file loads as it did (and the table can be built at all).
+    value = int(text)
+    return value if -2**63 <= value < 2**63 else float(text)
+
+
+def _validate_jsonl(path: Path, key: str, limit: Optional[int],
+                    hint: str = "") -> tuple[list[dict], list[int]]:
+    """Parse every line (or the first ``limit`` records): the records and their 1-based line numbers.
+
+    ``hint`` is appended to a JSON syntax error (why the file was read as JSON Lines).
+    """
     records, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    # Binary, decoded line by line: a decoding error then happens inside the try below and can
+    # name its line (the text-mode file iterator decodes whole blocks, outside any line). Lines
+    # split at b"\n" only, as JSON Lines does; "\r" before it is JSON whitespace.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
-                records.append(json.loads(line))
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                records.append(json.loads(line, parse_int=_parse_int))
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{key}: {path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} "
+                                f"at byte {exc.start + 1} of the line); save the file as UTF-8") from None
             except json.JSONDecodeError as exc:
                 raise DataError(f"{key}: {path}:{lineno}: invalid JSON: {exc.msg} "
-                                f"(column {exc.colno})") from None
-            except UnicodeDecodeError as exc:  # pragma: no cover - raised by the file iterator
-                raise DataError(f"{key}: {path}:{lineno}: not UTF-8: {exc}") from None
+                                f"(column {exc.colno}){hint}") from None
+            except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit limit
+                raise DataError(f"{key}: {path}:{lineno}: invalid JSON: {exc}") from None
             lines.append(lineno)
             if limit is not None and len(records) >= limit:
                 break
     _check_records(records, path, key, lines)
-    return lines
+    return records, lines
 
 
-def _validate_json(path: Path, key: str) -> None:
+def _validate_json(path: Path, key: str) -> list:
+    """The records of a ``.json`` file holding one top-level array, checked like JSON Lines."""
+    data = path.read_bytes()
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{key}: {path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+                        "save the file as UTF-8") from None
+    del data
+    try:
+        records = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise DataError(f"{key}: {path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(data, list):
+    except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit limit
+        raise DataError(f"{key}: {path}: invalid JSON: {exc}") from None
+    if not isinstance(records, list):
         raise DataError(f"{key}: {path}: expected a top-level JSON array of records")
-    _check_records(data, path, key, None)
+    _check_records(records, path, key, None)
+    return records
 
 
 def load_source(src: DataSourceConfig, key: str, *, split: str = "train") -> LoadedRecords:
@@ -201,19 +234,27 @@ def _read(datasets, path: Path, fmt: str, src: DataSourceConfig, key: str, spec_
     if fmt == "jsonl":
         if path.is_dir():
             raise DataError(f"{spec_key}: {path} is a directory, not a JSON Lines file")
-        line_numbers = _validate_jsonl(path, key, src.max_records)
-        if not line_numbers:
+        hint = ""
+        if src.format == "auto" and path.suffix.lower() == ".json":
+            hint = ("; this .json file does not start with '[', so it was read as JSON Lines: a .json "
+                    "file must hold a list of records ([{...}, ...]) or one JSON object per line")
+        # The table is built from the records validation parsed: the file is read once, and the
+        # rows are what was validated (see the module docstring on load_dataset's cache).
+        records, line_numbers = _validate_jsonl(path, key, src.max_records, hint)
+        if not records:
             raise DataError(f"{key}: {path}: no records (empty file)")
-        if src.max_records is not None and len(line_numbers) >= src.max_records:
-            # Only the validated prefix goes to datasets, so max_records also bounds the cost.
-            ds = _table_from_records(_read_jsonl_prefix(path, line_numbers))
-        else:
-            ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        ds = _table_from_records(records)
     elif fmt == "json":
-        _validate_json(path, key)
-        ds = datasets.load_dataset("json", data_files=str(path), split="train")
+        records = _validate_json(path, key)
+        if not records:
+            raise DataError(f"{key}: {path}: no records (empty array)")
+        ds = _table_from_records(records)
     elif fmt == "parquet":
-        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        # Read directly, not through load_dataset's path/size/mtime-keyed cache (see the module
+        # docstring). The features stored in the file's metadata are restored by Dataset itself.
+        import pyarrow.parquet as pq
+
+        ds = datasets.Dataset(pq.read_table(str(path)))
     elif fmt == "disk":
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -226,21 +267,13 @@ def _read(datasets, path: Path, fmt: str, src: DataSourceConfig, key: str, spec_
     return ds, line_numbers
 
 
-def _read_jsonl_prefix(path: Path, line_numbers: list[int]) -> list[dict]:
-    wanted, out = set(line_numbers), []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if lineno in wanted:
-                out.append(json.loads(line))
-            if lineno >= line_numbers[-1]:
-                break
-    return out
-
-
 def _table_from_records(records: list[dict]):
     """``Dataset`` with the union of the records' fields (missing -> null), like the JSON loader.
 
-    (``Dataset.from_list`` would take the columns from the first record only.)
+    (``Dataset.from_list`` would take the columns from the first record only.) A nested field
+    whose parts differ in type or keys between records (``{"x": 1}`` / ``{"x": "s"}``, chat turns
+    with and without ``name``) becomes a ``Json`` column holding each record's value as written,
+    as ``load_dataset("json")`` does, instead of failing in Arrow or gaining null keys.
     """
     import datasets
 
@@ -251,7 +284,7 @@ def _table_from_records(records: list[dict]):
     for rec in records:
         for field, values in columns.items():
             values.append(rec.get(field))
-    return datasets.Dataset.from_dict(columns)
+    return datasets.Dataset.from_dict(columns, on_mixed_types="use_json")
 
 
 def load_records(src: DataSourceConfig, key: str, *, split: str = "train"):

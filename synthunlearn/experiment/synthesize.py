@@ -63,29 +63,68 @@ def read_documents(path) -> List[str]:
         raise DataError(f"--documents {path}: no such file")
     if path.suffix == ".jsonl":
         docs = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as error:
-                raise DataError(f"{path}:{number}: invalid JSON ({error})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{number}: expected an object with a string field 'text'")
-            docs.append(record["text"])
+        # Lines of the file, split at "\n" only, as the training loader (synthunlearn.data.sources)
+        # reads JSON Lines: str.splitlines() would also split at U+2028, U+0085 and other
+        # characters that valid JSON strings may hold unescaped, and reject a valid record.
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, 1):
+                line = _decode(raw, path, number)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as error:
+                    raise DataError(f"{path}:{number}: invalid JSON ({error})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise DataError(f"{path}:{number}: expected an object with a string field 'text'")
+                docs.append(record["text"])
         return [d for d in docs if d.strip()]
-    blocks = re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8"))
+    data = path.read_bytes()
+    text = _decode(data, path, None)
+    blocks = re.split(r"\n[ \t]*\n", text)
     return [b.strip() for b in blocks if b.strip()]
+
+
+def _decode(data: bytes, path: Path, number: Optional[int]) -> str:
+    """``data`` as UTF-8, or a DataError naming the line (``number``, or counted in ``data``)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = number if number is not None else data.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                        "save the file as UTF-8") from None
+
+
+# Endings of the files a template is usually kept in: a --template value with one of them (or
+# with a directory separator) and no {document} is a file path, even when no such file exists.
+_TEMPLATE_SUFFIXES = (".txt", ".md", ".j2", ".jinja", ".tmpl", ".tpl", ".prompt")
 
 
 def load_template(value: Optional[str]) -> str:
     if value is None:
         return DEFAULT_TEMPLATE
     candidate = Path(value)
-    template = candidate.read_text(encoding="utf-8") if len(value) < 4096 and candidate.is_file() else value
-    if "{document}" not in template:
+    try:
+        is_file = len(value) < 4096 and candidate.is_file()
+    except (OSError, ValueError):  # e.g. a long one-line template: "file name too long"
+        is_file = False
+    if is_file:
+        try:
+            template = candidate.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"--template {value}: cannot read the file ({error})") from None
+        if "{document}" not in template:
+            raise UserError(f"--template {value}: the file must contain the placeholder {{document}}")
+        return template
+    if "{document}" not in value:
+        looks_like_path = "\n" not in value and (
+            "/" in value or "\\" in value or value.lower().endswith(_TEMPLATE_SUFFIXES))
+        if looks_like_path:
+            # Most likely a mistyped template file: say so, not that the text lacks a placeholder.
+            raise UserError(f"--template {value}: no such file (resolved to {candidate.absolute()}); give "
+                            "an existing template file or the template text itself, with {document}")
         raise UserError("--template: must contain the placeholder {document}")
-    return template
+    return value
 
 
 def synthesize(model, tokenizer, documents: Sequence[str], *, template: str = DEFAULT_TEMPLATE,
@@ -95,8 +134,9 @@ def synthesize(model, tokenizer, documents: Sequence[str], *, template: str = DE
 
     prompts = []
     for doc in documents:
-        # str.replace, not str.format: documents and user templates may contain braces.
-        content = template.replace("{document}", doc).replace("{n}", str(pairs_per_document))
+        # str.replace, not str.format: documents and user templates may contain braces. {n} is
+        # filled in before the document goes in, so a document's own "{n}" text stays as written.
+        content = template.replace("{n}", str(pairs_per_document)).replace("{document}", doc)
         prompts.append(format_chat(tokenizer, [{"role": "user", "content": content}]))
     replies = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                  stop_strings=())

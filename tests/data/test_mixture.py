@@ -100,6 +100,10 @@ def test_kl_set_falls_back_to_the_replay_files(files):
     ("data.replay.files=[{path: a.jsonl}, {repeat: 2}]", ("data.replay.files[1].path", "not set")),
     ("data.replay.files=a.jsonl", ("data.replay.files", "a list of mappings")),
     ("data.replay.files=[{path: a.jsonl, repeat: lots}]", ("data.replay.files[0].repeat", "'lots'", "float")),
+    # inf passed "> 0" and raised OverflowError in repeat_examples; 1e400 is inf as a float.
+    ("data.replay.files=[{path: a.jsonl, repeat: .inf}]", ("data.replay.files[0].repeat", "finite number")),
+    ("data.replay.files=[{path: a.jsonl, repeat: 1e400}]", ("data.replay.files[0].repeat", "finite number")),
+    ("data.replay.files=[{path: a.jsonl, repeat: .nan}]", ("data.replay.files[0].repeat", "finite number")),
     ("data.replay.max_records=3", ("data.replay.max_records", "on each file")),
     # The KL set without a file of its own is the replay files: a set-level cap would be ignored.
     ("data.kl.max_records=3", ("data.kl.max_records", "data.replay.files", "data.kl.path")),
@@ -110,6 +114,16 @@ def test_config_errors_name_the_entry(override, fragments):
         load_config(None, overrides)
     for fragment in fragments:
         assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("repeat", [float("inf"), float("nan"), -1.5])
+def test_repeat_built_in_code_is_checked_too(repeat):
+    """A DataFileConfig made in Python skips config loading: the repeat still fails as a DataError
+    naming the entry, not as OverflowError/ValueError from int()."""
+    from synthunlearn.data.dataset import repeat_examples
+
+    with pytest.raises(DataError, match=r"^data\.replay\.files\[0\]\.repeat=.*: must be a finite number > 0"):
+        repeat_examples([{"input_ids": [1], "labels": [1]}] * 4, repeat, "data.replay.files[0]")
 
 
 def test_path_and_files_together_is_an_error():

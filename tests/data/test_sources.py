@@ -113,3 +113,93 @@ def test_json_array_parquet_and_disk(tmp_path):
                            "data.forget")) == 5
     with pytest.raises(DataError, match=r"cannot read .*records\.bin as jsonl|invalid JSON"):
         load_records(DataSourceConfig(path=str(tmp_path / "records.bin"), format="jsonl"), "data.forget")
+
+
+def _replace_keeping_size_and_mtime(path, write):
+    """Rewrite ``path`` with ``write(path)`` and give it back its size and modification time."""
+    before = path.stat()
+    write(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+@pytest.mark.parametrize("name", ["data.jsonl", "records.json", "records.parquet"])
+def test_replaced_file_with_the_same_size_and_mtime_is_read_again(tmp_path, name):
+    """datasets' load_dataset cache keys a file by path, size and mtime: a file replaced by other
+    records of the same size within the same timestamp (a regenerated data set, a copy that keeps
+    times) used to come back with the old rows, while validation read the new file."""
+    import datasets
+
+    path = tmp_path / name
+
+    def write(texts):
+        def _write(p):
+            records = [{"text": t} for t in texts]
+            if name.endswith(".jsonl"):
+                p.write_text("".join(json.dumps(r) + "\n" for r in records))
+            elif name.endswith(".json"):
+                p.write_text(json.dumps(records))
+            else:
+                datasets.Dataset.from_list(records).to_parquet(str(p))
+        return _write
+
+    write(["aaaa", "bbbb"])(path)
+    os.utime(path, ns=(1_700_000_000_000_000_000,) * 2)
+    assert load_records(DataSourceConfig(path=str(path)), "data.sft")["text"][:] == ["aaaa", "bbbb"]
+    _replace_keeping_size_and_mtime(path, write(["cccc", "dddd"]))
+    assert load_records(DataSourceConfig(path=str(path)), "data.sft")["text"][:] == ["cccc", "dddd"]
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"text": "b"}\n{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=rf"^data\.sft: {path}:3: not UTF-8 text \(byte 0xff"):
+        load_records(DataSourceConfig(path=str(path)), "data.sft")
+    array = tmp_path / "bad.json"
+    array.write_bytes(b'[\n{"text": "a"},\n{"text": "\xff"}\n]\n')
+    with pytest.raises(DataError, match=rf"^data\.sft: {array}:3: not UTF-8 text"):
+        load_records(DataSourceConfig(path=str(array)), "data.sft")
+
+
+def test_json_file_holding_one_object_says_what_a_json_file_must_hold(tmp_path):
+    path = tmp_path / "obj.json"
+    path.write_text('{\n "text": "a"\n}\n')
+    with pytest.raises(DataError) as info:
+        load_records(DataSourceConfig(path=str(path)), "data.sft")
+    message = str(info.value)
+    assert message.startswith(f"data.sft: {path}:1: invalid JSON"), message
+    assert "a .json file must hold a list of records" in message and "one JSON object per line" in message
+    # Not for a .jsonl file, nor when the format is given: the hint is about the extension's guess.
+    jsonl = tmp_path / "obj.jsonl"
+    jsonl.write_text('{\n "text": "a"\n}\n')
+    for src in (DataSourceConfig(path=str(jsonl)), DataSourceConfig(path=str(path), format="jsonl")):
+        with pytest.raises(DataError, match="invalid JSON") as info:
+            load_records(src, "data.sft")
+        assert ".json file" not in str(info.value)
+
+
+def test_empty_json_array_has_no_records(tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text("[]\n")
+    with pytest.raises(DataError, match=rf"^data\.sft: {path}: no records \(empty array\)$"):
+        load_records(DataSourceConfig(path=str(path)), "data.sft")
+
+
+@pytest.mark.parametrize("max_records", [None, 3])
+def test_records_keep_their_values_as_written(write_jsonl, max_records):
+    """Values load as written: nested fields whose parts vary between records (a Json column, as
+    datasets' JSON loader makes), chat turns with and without extra keys (no null keys added),
+    integers beyond 64 bits (float64, as that loader read them) and line separators inside strings.
+    (Before, the max_records path failed on the nested fields and the whole-file path on this mix.)"""
+    path = write_jsonl([
+        {"text": "a\u2028b\u0085c", "meta": {"x": 1}, "tags": [1],
+         "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r", "name": "z"}]},
+        {"text": "d", "meta": {"x": "s"}, "tags": ["t"], "messages": [{"role": "user", "content": "q2"}]},
+        {"text": "e", "id": 123456789012345678901234567890},
+    ])
+    ds = load_records(DataSourceConfig(path=str(path), max_records=max_records), "data.sft")
+    assert ds["text"][:] == ["a\u2028b\u0085c", "d", "e"]
+    assert ds["meta"][:] == [{"x": 1}, {"x": "s"}, None] and ds["tags"][:] == [[1], ["t"], None]
+    assert ds[0]["messages"][1] == {"role": "assistant", "content": "r", "name": "z"}
+    assert ds[1]["messages"] == [{"role": "user", "content": "q2"}]  # no "name": None added
+    assert ds["id"][:] == [None, None, 1.2345678901234568e+29]

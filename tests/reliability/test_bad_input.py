@@ -55,7 +55,7 @@ def run(tmp_path, capsys):
     def _run(job, *argv):
         out = tmp_path / "out"
         opts, overrides, it = [], [], iter(argv)
-        for a in it:  # options (with their values) first: the CLI wants overrides last
+        for a in it:  # options (with their values) first, as the usage line writes them
             if a == "--overwrite":
                 opts.append(a)
             elif a.startswith("--"):
@@ -124,6 +124,18 @@ def test_unknown_record_kind(run, tmp_path):
     bad(run("sft", f"data.sft.path={path}"), path, "'question'+'answer'", "'text'")
 
 
+def test_jsonl_line_not_utf8_names_file_and_line(run, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
+    bad(run("sft", f"data.sft.path={path}"), "data.sft", f"{path}:2", "not UTF-8")
+
+
+def test_json_file_holding_one_object(run, tmp_path):
+    path = tmp_path / "sft.json"
+    path.write_text('{\n  "prompt": "a",\n  "response": "b"\n}\n')
+    bad(run("sft", f"data.sft.path={path}"), f"{path}:1", "a .json file must hold a list of records")
+
+
 def test_empty_data_set(run, tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n")
@@ -184,6 +196,18 @@ def test_yaml_syntax_error_names_line(run, tmp_path):
     bad(run("sft", "--config", str(path)), f"{path}:3", "invalid YAML")
 
 
+def test_duplicate_yaml_key_names_file_and_line(run, tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text((REPO / "configs/tiny/sft.yaml").read_text() + "\ndata:\n  packing: true\n")
+    first = (REPO / "configs/tiny/sft.yaml").read_text().splitlines().index("data:") + 1
+    bad(run("sft", "--config", str(path)), f"{path}:", "duplicate key 'data'", f"first given at line {first}")
+
+
+def test_non_finite_number_names_key(run):
+    bad(run("sft", "optimisation.epochs=.inf", "optimisation.max_steps=null"), "optimisation.epochs",
+        "finite number")
+
+
 def test_world_size_must_divide_global_batch(run):
     # one rank here; 2 accumulation steps play the part of the world size (same check, same message)
     bad(run("sft", "data.sft.global_batch_size=7", "optimisation.gradient_accumulation_steps=2"),
@@ -209,6 +233,18 @@ def test_tokenizer_model_vocabulary_mismatch(run, tmp_path, tiny_dir):
     tok.save_pretrained(str(tmp_path / "tok"))
     bad(run("sft", f"model.tokenizer_path={tmp_path / 'tok'}"), "model.tokenizer_path",
         f"{len(tok)} tokens", "rows")
+
+
+def test_tokenizer_without_pad_or_eos_token(run, tmp_path, tiny_dir):
+    # It used to pass load_tokenizer and fail in collate with a traceback, after the run directory
+    # was written.
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    tok.pad_token = None
+    tok.eos_token = None
+    tok.save_pretrained(str(tmp_path / "tok"))
+    bad(run("sft", f"model.tokenizer_path={tmp_path / 'tok'}"), "model.tokenizer_path",
+        "neither a pad token nor an EOS token")
 
 
 def test_pickle_weights_are_refused(run, tmp_path, tiny_dir):

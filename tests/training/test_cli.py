@@ -18,3 +18,13 @@ def test_defaults_are_the_embedded_configs_from_any_directory(tmp_path, monkeypa
     assert args.deepspeed_config.endswith("configs/deepspeed/zero2.json")
     from pathlib import Path
     assert Path(args.config).is_file() and Path(args.deepspeed_config).is_file()
+
+
+def test_help_shows_the_real_default_output_dir():
+    # The help text once said "runs/launch/sft.py": %(prog)s expands to the program path.
+    from synthunlearn.cli import build_parser
+
+    for job in ("sft", "unlearn"):
+        text = " ".join(build_parser(job).format_help().split())
+        assert f"final/ go (default: runs/{job})" in text, text
+        assert build_parser(job).parse_args([]).output_dir == f"runs/{job}"
