@@ -36,9 +36,14 @@ The base is shared by the seeds (the paper starts every arm from one pre-trained
 sets the data order and RNG of every later phase, and all arms of a seed share it. With
 ``base_per_seed: true`` each seed pre-trains its own base.
 
-Resumption: a phase directory holding ``final/`` and a ``phase.json`` whose command equals the one
-the pipeline would run now is reused; anything else is rerun from scratch (``--overwrite``).
-Evaluations are cached the same way (``eval.json`` with the evaluation signature).
+Resumption: a phase directory holding ``final/`` and a ``phase.json`` whose command and inputs
+digest equal the ones the pipeline would run now is reused; anything else is rerun from scratch
+(``--overwrite``, its old ``phase.json`` and ``eval.json`` removed first). The inputs are what the
+command names only by path (:func:`inputs_digest`): the run config as the launcher resolves it,
+the contents of every file and model directory it names, and the DeepSpeed JSON, so editing a run
+config or the DeepSpeed JSON reruns the phases that use it. Evaluations are cached the same way
+(``eval.json`` with the evaluation signature, which holds the phase's inputs digest). The world
+and the initial model carry stamps too, removed before they are rewritten in place.
 
 Branching a sweep (``reuse_from: <another output_dir>``): a phase that is not done here is taken
 from the same place in that directory when its recorded command, read with that directory's path
@@ -70,8 +75,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
-
-import yaml
 
 from synthunlearn import environment
 from synthunlearn.errors import ConfigError
@@ -203,6 +206,95 @@ def _check_sections(cfg: dict, where: str) -> None:
                               + (f"; unknown keys {unknown}" if unknown else ""))
 
 
+# The type of every key of DEFAULTS outside ``world`` (WorldConfig's own), ``phases``
+# (_check_phase_values) and ``model.arch`` (_check_arch), checked by the run configs' converter
+# (synthunlearn.config.build_dataclass) so a mistyped value fails naming its key before anything
+# is written, instead of as a TypeError hours later. Choices with their own messages
+# (``launcher``, ``arms``' names, ``data.synthetic_format``...) are typed ``str`` here and checked
+# against their valid values in load_experiment_config.
+@dataclasses.dataclass
+class _TopLevelTypes:
+    output_dir: str
+    reuse_from: Optional[str]
+    seeds: List[int]
+    base_per_seed: bool
+    launcher: str
+    nprocs: int
+    deepspeed_config: str
+    parallel_jobs: int
+    omp_threads: int
+    arms: List[str]
+    ablation_seeds: Optional[List[int]]
+
+
+@dataclasses.dataclass
+class _ModelTypes:
+    vocab_size: int
+    seed: int
+
+
+@dataclasses.dataclass
+class _DataTypes:
+    synthetic_copies: int
+    synthetic_format: str
+    synthetic_budget: str
+    instructions_in_cpt: bool
+    instructions_in_replay: bool
+    after_sft_replay: str
+
+
+@dataclasses.dataclass
+class _EvaluationTypes:
+    if_eval: Optional[int]            # null: the whole set
+    neutral_prompts: Optional[int]
+    knowledge_mc: Optional[int]
+    heldout_docs: Optional[int]
+    bare_questions: Optional[int]
+    max_new_tokens: int
+    batch_size: int
+    threads: int
+    device: str
+
+
+# Keys that must be integers >= 1 / >= 0 (the types above only say "int"); ``evaluation`` set
+# sizes may also be null (the whole set).
+_POSITIVE = ("nprocs", "parallel_jobs", "omp_threads", "model.vocab_size", "evaluation.max_new_tokens",
+             "evaluation.batch_size", "evaluation.threads")
+_NON_NEGATIVE = ("data.synthetic_copies", "evaluation.if_eval", "evaluation.neutral_prompts",
+                 "evaluation.knowledge_mc", "evaluation.heldout_docs", "evaluation.bare_questions")
+
+
+def _check_types(cfg: dict) -> None:
+    """Every value of a typed key (the dataclasses above) of its type and range."""
+    from synthunlearn.config import build_dataclass
+
+    source = "experiment config"
+    sections = {"model": _ModelTypes, "data": _DataTypes, "evaluation": _EvaluationTypes}
+    build_dataclass(_TopLevelTypes, {k: v for k, v in cfg.items() if k not in (*sections, "world", "phases")},
+                    "", source)
+    for name, types in sections.items():
+        values = {k: v for k, v in cfg[name].items() if not (name == "model" and k == "arch")}
+        build_dataclass(types, values, name, source)
+
+    def value(dotted):
+        section, _, key = dotted.rpartition(".")
+        return (cfg[section] if section else cfg)[key]
+
+    for key in _POSITIVE:
+        if value(key) < 1:
+            raise ConfigError(f"{source}: {key}: {value(key)!r}; expected a positive integer")
+    for key in _NON_NEGATIVE:
+        if value(key) is not None and value(key) < 0:
+            raise ConfigError(f"{source}: {key}: {value(key)!r}; expected a non-negative integer"
+                              + (" or null (the whole set)" if key.startswith("evaluation.") else ""))
+    # A seed named twice is one seed (its phases are planned once) that results.json would count twice.
+    if len(set(cfg["seeds"])) != len(cfg["seeds"]):
+        raise ConfigError(f"{source}: seeds: {cfg['seeds']!r}; name each seed once")
+    for key in ("output_dir", "deepspeed_config"):
+        if not cfg[key].strip():
+            raise ConfigError(f"{source}: {key}: empty; expected a path")
+
+
 def _check_phase_values(phases: dict) -> None:
     """Each phase's ``max_steps`` a positive integer, ``config`` a path and ``overrides`` a mapping
     (``unlearn_after_sft`` may leave the first two null: the ``unlearn`` phase's)."""
@@ -254,6 +346,8 @@ def read_experiment_file(path, _chain: tuple = ()) -> dict:
 def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
     """DEFAULTS <- YAML file (after the files it extends) <- ``key.sub=value`` overrides (values
     parsed as YAML)."""
+    from synthunlearn.config import parse_override
+
     cfg = copy.deepcopy(DEFAULTS)
     if path:
         path = Path(path)
@@ -261,11 +355,14 @@ def load_experiment_config(path=None, overrides: Sequence[str] = ()) -> dict:
             raise ConfigError(f"--config {path}: no such file")
         cfg = _merge(cfg, read_experiment_file(path))
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or key.split(".")[0] not in DEFAULTS:
+        if "=" not in item or item.partition("=")[0].strip().split(".")[0] not in DEFAULTS:
             raise ConfigError(f"override {item!r}: expected key.sub=value with a key of {', '.join(DEFAULTS)}")
-        _set_dotted(cfg, key, yaml.safe_load(raw))
+        # The run configs' parser: a value that is not valid YAML is a ConfigError naming the
+        # override (exit 2 from the launcher), not a yaml traceback.
+        parts, value = parse_override(item)
+        _set_dotted(cfg, ".".join(parts), value)
     _check_sections(cfg, "overrides")
+    _check_types(cfg)
     _check_arch(cfg["model"].get("arch") or {})
     if cfg["reuse_from"] is not None:
         source = output_path(cfg["reuse_from"])
@@ -374,9 +471,19 @@ def prepare_world(cfg: dict, out: Path, log) -> Path:
     if stamp.exists() and stamp.read_text() == signature:
         return world_dir
     log(f"world: writing {world_dir}")
+    # The files are rewritten in place: an interrupted rewrite must not leave the old stamp
+    # vouching for a mix of old and new files (going back to the old knobs would reuse it).
+    stamp.unlink(missing_ok=True)
     write_world(world, world_dir)
-    stamp.write_text(signature)
+    _write_stamp(stamp, signature)
     return world_dir
+
+
+def _write_stamp(path: Path, text: str) -> None:
+    """Writes a cache stamp whole or not at all (it is written last, once what it vouches for is)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def prepare_model(cfg: dict, out: Path, world_dir: Path, log) -> Path:
@@ -392,13 +499,14 @@ def prepare_model(cfg: dict, out: Path, world_dir: Path, log) -> Path:
     if stamp.exists() and stamp.read_text() == signature:
         return model_dir
     log(f"model: building {model_dir}")
+    stamp.unlink(missing_ok=True)   # built in place, as the world is (prepare_world)
     corpus = [r["text"] for r in _read_jsonl(world_dir / "docs.jsonl")]
     corpus += [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in _read_jsonl(world_dir / "synthetic_qa.jsonl")]
     for name in ("pretrain_instructions.jsonl", "sft.jsonl"):
         corpus += [m["content"] for r in _read_jsonl(world_dir / name) for m in r["messages"]]
     build_tiny_model(model_dir, corpus=corpus, vocab_size=int(spec.get("vocab_size", 1024)),
                      seed=int(spec.get("seed", 0)), **dict(spec.get("arch") or {}))
-    stamp.write_text(signature)
+    _write_stamp(stamp, signature)
     return model_dir
 
 
@@ -517,34 +625,98 @@ def launcher_command(cfg: dict, phase: Phase) -> List[str]:
             "--deepspeed-config", str(REPO / cfg["deepspeed_config"]), *phase.args()]
 
 
-def inputs_digest(phase: Phase) -> str:
-    """Digest of the phase's inputs: every data file and starting model named in its overrides.
+def _launcher_args(phase: Phase, command: Sequence[str]) -> List[str]:
+    """What the phase's launcher script is given: the arguments after it in ``command``, or, with
+    no command, the phase's own (all the ``python`` launcher gives it)."""
+    if not command:
+        return phase.args()
+    command = [str(c) for c in command]
+    return command[command.index(str(REPO / "launch" / f"{phase.job}.py")) + 1:]
 
-    The command alone is not enough: data files are rewritten in place when the experiment's
-    data knobs change, and an upstream phase that reran leaves its ``final/`` at the same path.
-    A list of files (``data.replay.files``) contributes each entry's ``path`` under ``key[i]``;
-    a phase named by plain paths only digests exactly as before lists were read, so its stamp
-    stays valid."""
+
+def _input_path(spec: str) -> Path:
+    """A path as the launchers read it: they run with ``cwd=REPO``, so a relative one is relative
+    to the checkout, whatever directory the pipeline was started from."""
+    path = Path(spec).expanduser()
+    return path if path.is_absolute() else REPO / path
+
+
+def _hash_contents(digest, path: Path) -> None:
+    """A file's bytes, or a directory's (a model's ``final/``, a ``save_to_disk`` data set):
+    every file under it with its relative name, so no weight shard or tokenizer file is left out."""
     import hashlib
 
-    digest = hashlib.sha1()
-    for key in sorted(phase.overrides):
-        value = phase.overrides[key]
-        if isinstance(value, str):
-            named = [(key, value)]
-        elif isinstance(value, list):
-            named = [(f"{key}[{i}]", item["path"]) for i, item in enumerate(value)
-                     if isinstance(item, dict) and isinstance(item.get("path"), str)]
-        else:
-            continue
-        for label, named_path in named:
-            path = Path(named_path)
-            target = path / "model.safetensors" if path.is_dir() else path
-            if target.is_file():
-                digest.update(label.encode())
-                with open(target, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        one = hashlib.sha1()
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                one.update(block)
+        name = "" if file == path else file.relative_to(path).as_posix()
+        digest.update(f"{name}\0{one.hexdigest()}\n".encode())
+
+
+def _is_path_key(name: str) -> bool:
+    return name == "path" or name.endswith("_path")
+
+
+def inputs_digest(phase: Phase, command: Sequence[str] = ()) -> str:
+    """Digest of everything the phase's launcher runs with beyond its command line.
+
+    The command alone is not enough: the run config and DeepSpeed JSON are named by path and
+    edited in place, data files are rewritten in place when the experiment's data knobs change,
+    and an upstream phase that reran leaves its ``final/`` at the same path. So the digest holds
+
+    - the run config as the launcher resolves it (``synthunlearn.cli.parse_args`` on the
+      launcher's arguments, then ``load_config``: the file, the overrides, ``--max-steps`` and
+      ``--seed``, and every default), so an edit of the file reruns the phases that use it;
+    - the contents of every file or directory that resolved config names (``model.path``,
+      ``data.<set>.path`` / ``eval_path`` / ``files[i].path``, ...), in place of its path, so the
+      digest is the same wherever the run directory is (``reuse_from`` compares it across two);
+      a ``builtin:`` asset counts by its name (it ships with the code);
+    - the DeepSpeed JSON the launcher is given (``--deepspeed-config``, else its default).
+
+    Relative paths are read from the checkout, as the launchers (run with ``cwd=REPO``) read them;
+    a named file that does not exist is a :class:`ConfigError`, never silently left out.
+    ``command`` is the phase's launcher command; without it, the phase's own arguments."""
+    import hashlib
+
+    from synthunlearn.cli import parse_args
+    from synthunlearn.config import load_config, to_dict
+    from synthunlearn.tiny_model import BUILTIN_PREFIX
+
+    args = parse_args(phase.job, _launcher_args(phase, command))
+    resolved = to_dict(load_config(_input_path(args.config), args.overrides))
+    named = []
+
+    def take_paths(node, prefix):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            dotted = f"{prefix}[{key}]" if isinstance(node, list) else f"{prefix}.{key}" if prefix else key
+            if isinstance(node, dict) and _is_path_key(key) and isinstance(value, str) \
+                    and not value.startswith(BUILTIN_PREFIX):
+                named.append((dotted, value))
+                node[key] = "<contents below>"
+            else:
+                take_paths(value, dotted)
+
+    take_paths(resolved, "")
+    digest = hashlib.sha1(json.dumps(resolved, sort_keys=True).encode())
+    for key, spec in named:
+        path = _input_path(spec)
+        if not path.exists():
+            raise ConfigError(f"{phase.name}: {key}: {spec!r} does not exist ({path})")
+        digest.update(f"\n{key}\n".encode())
+        _hash_contents(digest, path)
+    deepspeed = _input_path(args.deepspeed_config)
+    try:
+        settings = json.loads(deepspeed.read_text())
+    except OSError as error:
+        raise ConfigError(f"{phase.name}: deepspeed_config: cannot read {deepspeed} ({error.strerror})") from None
+    except ValueError as error:
+        raise ConfigError(f"{phase.name}: deepspeed_config: {deepspeed}: not valid JSON ({error})") from None
+    # Parsed and re-dumped: reformatting the file changes nothing the launcher sees.
+    digest.update(b"\ndeepspeed\n" + json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -556,7 +728,7 @@ def phase_done(phase: Phase, command: List[str]) -> bool:
         recorded = json.loads(stamp.read_text())
     except ValueError:
         return False
-    return recorded.get("command") == command and recorded.get("inputs") == inputs_digest(phase)
+    return recorded.get("command") == command and recorded.get("inputs") == inputs_digest(phase, command)
 
 
 def _relocate(text: str, source: Path, out: Path) -> str:
@@ -589,7 +761,7 @@ def adopt_phase(phase: Phase, command: List[str], out: Path, source: Path) -> bo
         return False
     if [_relocate(str(c), source, out) for c in recorded.get("command") or []] != command:
         return False
-    if recorded.get("inputs") != inputs_digest(phase):
+    if recorded.get("inputs") != inputs_digest(phase, command):
         return False
     if phase.out_dir.exists():
         shutil.rmtree(phase.out_dir)
@@ -619,12 +791,21 @@ def run_phase(cfg: dict, phase: Phase, log) -> float:
             log(f"{phase.name}: reused from {source / phase.out_dir.relative_to(out)}")
             return 0.0
     phase.out_dir.mkdir(parents=True, exist_ok=True)
+    # The old records go before the launcher replaces final/: --overwrite leaves them, and an
+    # interruption after the new final/ is exported but before phase.json is rewritten would
+    # leave the old stamp vouching for the new model (and the old evaluation scoring it), so
+    # going back to the old settings would reuse a model they did not train.
+    for record in ("phase.json", "eval.json"):
+        (phase.out_dir / record).unlink(missing_ok=True)
     concrete = [c.replace("{port}", str(_free_port())) for c in command] + ["--overwrite"]
     log(f"{phase.name}: {phase.job} {phase.max_steps} steps")
     # What trains this phase (commit, package versions, host), read as the launcher starts and
     # kept in phase.json: a reused phase keeps its own, so a results.json assembled from several
     # invocations still says where each model came from.
     trained_on = environment.describe()
+    # Read before the launcher starts: a run config edited while the phase trains must not be
+    # recorded as what it trained with.
+    inputs = inputs_digest(phase, command)
     start = time.perf_counter()
     # The log lives beside the phase directory: --overwrite empties the directory itself.
     log_path = phase.out_dir.parent / f"{phase.out_dir.name}.log"
@@ -635,7 +816,7 @@ def run_phase(cfg: dict, phase: Phase, log) -> float:
     if proc.returncode != 0 or not (phase.out_dir / "final" / "config.json").exists():
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"{phase.name}: {' '.join(concrete)} exited {proc.returncode}\n{tail}")
-    (phase.out_dir / "phase.json").write_text(json.dumps({"command": command, "inputs": inputs_digest(phase),
+    (phase.out_dir / "phase.json").write_text(json.dumps({"command": command, "inputs": inputs,
                                                           "seconds": seconds, "environment": trained_on},
                                                          indent=1))
     log(f"{phase.name}: done in {seconds:.0f} s")
@@ -656,6 +837,14 @@ def phase_spec(cfg: dict, kind: str) -> dict:
     return {"config": spec.get("config") or base["config"],
             "max_steps": spec.get("max_steps") or base["max_steps"],
             "overrides": {**(base.get("overrides") or {}), **(spec.get("overrides") or {})}}
+
+
+def evaluated_phase_name(seed: int, arm: str) -> str:
+    """The phase whose model an arm's evaluation scores (its ``eval.json`` is in that phase's
+    directory): the arm's SFT, or for the after-SFT arms their unlearning, which ends the arm.
+    The one rule: plan_phases names the evaluated phases by it, and pooling finds their
+    evaluations by it."""
+    return f"seed{seed}/unlearn/{arm}" if arm in AFTER_SFT_ARMS else f"seed{seed}/sft/{arm}"
 
 
 def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) -> List[Phase]:
@@ -694,7 +883,8 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
                   {"model.path": str(base_dir / "final"), "data.sft.path": str(data[f"cpt_{arm}"])}, [base_name],
                   steps=cpt_steps[arm])
         def unlearn(arm, extra, start, evaluated=False, kind="unlearn"):
-            phase(f"seed{seed}/unlearn/{arm}", "unlearn", kind, out / f"seed{seed}" / "unlearn" / arm, seed,
+            name = evaluated_phase_name(seed, arm) if evaluated else f"seed{seed}/unlearn/{arm}"
+            phase(name, "unlearn", kind, out / name, seed,
                   {"model.path": str(out / start / "final"), "data.forget.path": str(data["forget"]),
                    "data.replay.path": str(data["replay"]), **extra}, [start], evaluated=evaluated)
 
@@ -712,7 +902,8 @@ def plan_phases(cfg: dict, out: Path, model_dir: Path, data: Dict[str, Path]) ->
             source = (f"seed{seed}/cpt/{arm}" if arm in ("docs_only", "synthetic") else f"seed{seed}/unlearn/{arm}")
             if not any(p.name == source for p in phases):
                 continue
-            phase(f"seed{seed}/sft/{arm}", "sft", "sft", out / f"seed{seed}" / "sft" / arm, seed,
+            name = evaluated_phase_name(seed, arm)
+            phase(name, "sft", "sft", out / name, seed,
                   {"model.path": str(out / source / "final"), "data.sft.path": str(data["sft"])}, [source],
                   evaluated=True)
         for arm in after_sft:

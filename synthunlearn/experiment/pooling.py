@@ -79,8 +79,8 @@ def _check_same_experiment(reference: dict, other: dict) -> None:
 
 def pool_runs(runs: Sequence[dict]) -> dict:
     """Merged results of :func:`load_run` outputs (at least one)."""
-    from synthunlearn.experiment.pipeline import (ALL_ARMS, check_predictions, evaluation_prompt_hits,
-                                                  paired_contrasts, summarise)
+    from synthunlearn.experiment.pipeline import (ALL_ARMS, check_predictions, evaluated_phase_name,
+                                                  evaluation_prompt_hits, paired_contrasts, summarise)
 
     if not runs:
         raise ConfigError("pooling needs at least one run directory")
@@ -100,7 +100,8 @@ def pool_runs(runs: Sequence[dict]) -> dict:
                 source[key] = run["_path"]
                 per_seed.setdefault(arm, {})[int(seed)] = metrics
                 run_dir = Path(run["_path"]).parent
-                hits = evaluation_prompt_hits(run_dir / f"seed{int(seed)}" / "sft" / arm / "eval.json",
+                # Where that run evaluated the arm (the after-SFT arms end in an unlearning phase).
+                hits = evaluation_prompt_hits(run_dir / evaluated_phase_name(int(seed), arm) / "eval.json",
                                               run_dir / "eval_sets")
                 if hits is not None:
                     prompt_hits.setdefault(arm, {})[int(seed)] = hits

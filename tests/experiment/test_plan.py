@@ -64,11 +64,67 @@ def _data(prepared, tmp_path, *overrides):
     ("evaluation.device=gpu", "evaluation.device: 'gpu'; valid: auto, cpu, cuda, cuda:N"),
     ("evaluation.device=cuda:99", "evaluation.device: 'cuda:99' but torch sees"),
     ("reuse_from=runs/no-such-experiment", "reuse_from: 'runs/no-such-experiment' is not a directory"),
+    # Values that are not valid YAML, and mistyped values, fail before anything is written.
+    ("seeds=[0", "override 'seeds=[0': value is not valid YAML"),
+    ("phases.sft.max_steps=[1", "override 'phases.sft.max_steps=[1': value is not valid YAML"),
+    ("seeds=3", "seeds: invalid value 3; expected a list of int"),
+    ("seeds=[a]", "seeds[0]: invalid value 'a'; expected int"),
+    ("seeds=[0, 1, 0]", "seeds: [0, 1, 0]; name each seed once"),
+    ("ablation_seeds=1", "ablation_seeds: invalid value 1; expected a list of int or null"),
+    ("arms=synthetic", "arms: invalid value 'synthetic'; expected a list of str"),
+    ("nprocs=two", "nprocs: invalid value 'two'; expected int"),
+    ("nprocs=0", "nprocs: 0; expected a positive integer"),
+    ("parallel_jobs=x", "parallel_jobs: invalid value 'x'; expected int"),
+    ("omp_threads=1.5", "omp_threads: invalid value 1.5; expected int"),
+    ("base_per_seed=1", "base_per_seed: invalid value 1; expected bool"),
+    ("output_dir.x=1", "output_dir: invalid value {'x': 1}; expected str"),
+    ("deepspeed_config=null", "deepspeed_config: invalid value None; expected str"),
+    ("model.vocab_size=big", "model.vocab_size: invalid value 'big'; expected int"),
+    ("model.vocab_size=0", "model.vocab_size: 0; expected a positive integer"),
+    ("data.synthetic_copies=-1", "data.synthetic_copies: -1; expected a non-negative integer"),
+    ("data.instructions_in_cpt=maybe", "data.instructions_in_cpt: invalid value 'maybe'; expected bool"),
+    ("evaluation.if_eval=abc", "evaluation.if_eval: invalid value 'abc'; expected int or null"),
+    ("evaluation.if_eval=-8", "evaluation.if_eval: -8; expected a non-negative integer or null (the whole set)"),
+    ("evaluation.batch_size=0", "evaluation.batch_size: 0; expected a positive integer"),
 ])
 def test_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_experiment_config(None, [override])
     assert message in str(error.value)
+
+
+def test_every_experiment_key_has_a_checked_type():
+    """A key added to DEFAULTS gets a type in pipeline.py (or its section's own check): every
+    scalar key and every key of data, evaluation and model (arch aside) is typed, and the
+    defaults themselves pass."""
+    import dataclasses
+
+    from synthunlearn.experiment.pipeline import (DEFAULTS, _DataTypes, _EvaluationTypes, _ModelTypes,
+                                                  _TopLevelTypes)
+
+    def names(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+
+    assert names(_TopLevelTypes) == set(DEFAULTS) - {"world", "model", "data", "phases", "evaluation"}
+    assert names(_ModelTypes) == set(DEFAULTS["model"]) - {"arch"}
+    assert names(_DataTypes) == set(DEFAULTS["data"])
+    assert names(_EvaluationTypes) == set(DEFAULTS["evaluation"])
+    cfg = load_experiment_config(None, ["evaluation.if_eval=null", "data.synthetic_copies=0"])
+    assert cfg["evaluation"]["if_eval"] is None and cfg["data"]["synthetic_copies"] == 0
+
+
+def test_experiment_launcher_reports_a_bad_override_as_an_error_line(capsys):
+    """An override that is not valid YAML is a user error: one ``error:`` line naming it and
+    exit status 2, as for every other bad key, not a yaml traceback."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_experiment", REPO / "launch" / "experiment.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    assert launcher.main(["seeds=[0", "--print-config"]) == 2
+    assert capsys.readouterr().err.startswith("error: override 'seeds=[0': value is not valid YAML")
+    assert launcher.main(["nprocs=two", "--print-config"]) == 2
+    assert capsys.readouterr().err == "error: experiment config: nprocs: invalid value 'two'; expected int\n"
 
 
 def test_reuse_from_must_be_another_directory(tmp_path):
@@ -329,26 +385,33 @@ def test_after_sft_replay_changes_only_the_after_sft_phases(prepared, tmp_path, 
 
 def test_inputs_digest_reads_the_files_of_a_mixture(tmp_path):
     """Each file of a ``data.replay.files`` list is part of a phase's inputs (rewriting one reruns
-    the phase), while a phase named by plain paths digests as it always did: its key, then its
-    file's bytes, so the stamps of finished phases stay valid."""
-    import hashlib
+    the phase), and the digest holds the files' contents, not where they are: the same files in
+    another directory (another experiment's output_dir, as reuse_from compares) digest the same."""
+    import shutil
 
     from synthunlearn.experiment.pipeline import Phase, inputs_digest
 
-    docs, chat = tmp_path / "docs.jsonl", tmp_path / "chat.jsonl"
-    docs.write_text('{"text": "a"}\n')
-    chat.write_text('{"messages": []}\n')
+    def digest(root, overrides):
+        resolved = {k: (str(root / v) if k.endswith(".path") and v else
+                        [{**f, "path": str(root / f["path"])} for f in v] if k.endswith(".files") else v)
+                    for k, v in overrides.items()}
+        return inputs_digest(Phase("p", "unlearn", root / "p", str(root / "unlearn.yaml"), 1, 0, resolved, []))
 
-    def digest(overrides):
-        return inputs_digest(Phase("p", "unlearn", tmp_path / "p", "c.yaml", 1, 0, overrides, []))
-
-    plain = {"data.replay.path": str(docs), "objective.kl_weight": 0}
-    assert digest(plain) == hashlib.sha1(b"data.replay.path" + docs.read_bytes()).hexdigest()
-    mixture = {"data.replay.path": None, "data.replay.files": [{"path": str(docs)}, {"path": str(chat), "repeat": 2.3}]}
-    before = digest(mixture)
-    assert before != digest({"data.replay.files": [{"path": str(docs)}]})
-    chat.write_text('{"messages": [{"role": "user", "content": "b"}]}\n')
-    assert digest(mixture) != before
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "unlearn.yaml").write_text("optimisation:\n  lr: 3.0e-4\n")
+    (here / "docs.jsonl").write_text('{"text": "a"}\n')
+    (here / "chat.jsonl").write_text('{"messages": []}\n')
+    plain = {"data.replay.path": "docs.jsonl", "objective.kl_weight": 0}
+    mixture = {"data.replay.path": None,
+               "data.replay.files": [{"path": "docs.jsonl"}, {"path": "chat.jsonl", "repeat": 2.3}]}
+    shutil.copytree(here, tmp_path / "there")
+    assert digest(here, plain) == digest(tmp_path / "there", plain)
+    before = digest(here, mixture)
+    assert before == digest(tmp_path / "there", mixture)
+    assert before != digest(here, {"data.replay.files": [{"path": "docs.jsonl"}]})
+    (here / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "b"}]}\n')
+    assert digest(here, mixture) != before
 
 
 def test_predictions_are_computed_from_the_seed_means():

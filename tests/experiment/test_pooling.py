@@ -143,3 +143,30 @@ def test_pool_results_cli(two_runs, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error: arm 'docs_only' seed 0 is in both" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_pooled_contrasts_of_the_after_sft_arms_carry_the_prompt_sampling_error(tmp_path):
+    """An after-SFT arm ends in an unlearning phase and is evaluated there
+    (seed<N>/unlearn/<arm>/eval.json, not sft/<arm>): pooling finds its per-prompt hits, so its
+    contrasts have the prompt-sampling error one run over every seed gives them."""
+    from synthunlearn.experiment.pipeline import paired_contrasts
+
+    hits = {"synthetic": [1, 0, 0, 1, 0, 0], "unlearned_after_sft": [1, 1, 0, 1, 1, 0]}
+    evaluated_in = {"synthetic": "sft", "unlearned_after_sft": "unlearn"}
+    per_seed, prompt_hits = {}, {}
+    runs = []
+    for name, seeds in (("a", [0, 1]), ("b", [2])):
+        run = tmp_path / name
+        for arm, arm_hits in hits.items():
+            for seed in seeds:
+                seed_hits = arm_hits[seed:] + arm_hits[:seed]
+                write_json(run / f"seed{seed}" / evaluated_in[arm] / arm / "eval.json",
+                           {"details": {"if": {"prompt_strict_hits": seed_hits}}})
+                per_seed.setdefault(arm, {})[seed] = {"if_prompt_strict": sum(seed_hits) / len(seed_hits)}
+                prompt_hits.setdefault(arm, {})[seed] = seed_hits
+        runs.append(_write_run(run, seeds, {arm: {s: per_seed[arm][s] for s in seeds} for arm in hits},
+                               "arms=[synthetic,unlearned_after_sft]"))
+    results, _ = pool_run_dirs(runs, tmp_path / "pooled")
+    pooled = results["paired"]["unlearned_after_sft - synthetic"]["if_prompt_strict"]
+    assert pooled["n_prompts"] == 6
+    assert pooled == paired_contrasts(per_seed, prompt_hits)["unlearned_after_sft - synthetic"]["if_prompt_strict"]
