@@ -23,16 +23,21 @@ import torch
 from synthunlearn.errors import UserError
 
 
-def _load(path: str, device: str, dtype: torch.dtype):
+def _load(path: str, flag: str, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from synthunlearn.modeling import check_model_dir
+
     if not Path(path).is_dir():
-        raise UserError(f"{path}: not a model directory")
+        raise UserError(f"{flag} {path}: not a model directory")
+    # The trainer's rule for any model it is handed: safetensors weights only (pickle-based ones
+    # can run code when loaded) and no code shipped with the model.
+    check_model_dir(path, flag, trust_remote_code=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as error:
-        raise UserError(f"{path}: cannot load a causal LM and tokenizer ({error})") from None
+        raise UserError(f"{flag} {path}: cannot load a causal LM and tokenizer ({error})") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -60,10 +65,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     started = time.perf_counter()
     try:
-        model, tokenizer = _load(args.model, device, dtype)
+        model, tokenizer = _load(args.model, "--model", device, dtype)
         baseline = None
         if args.baseline:
-            baseline, baseline_tokenizer = _load(args.baseline, device, dtype)
+            baseline, baseline_tokenizer = _load(args.baseline, "--baseline", device, dtype)
             if baseline_tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise UserError(f"--baseline {args.baseline}: its tokenizer differs from --model's; "
                                 "the KL shift needs a shared vocabulary")

@@ -980,9 +980,9 @@ def evaluate_phase(cfg: dict, phase: Phase, eval_dir: Path, baseline_dir: Path, 
         torch.set_num_threads(int(ecfg.get("threads", 1)))
         device = evaluation_device(cfg)
         start = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(phase.out_dir / "final").to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(phase.out_dir / "final", use_safetensors=True).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(phase.out_dir / "final")
-        baseline = AutoModelForCausalLM.from_pretrained(baseline_dir).to(device).eval()
+        baseline = AutoModelForCausalLM.from_pretrained(baseline_dir, use_safetensors=True).to(device).eval()
         results = evaluate_model(model, tokenizer, eval_dir, baseline=baseline,
                                  max_new_tokens=int(ecfg["max_new_tokens"]), batch_size=int(ecfg["batch_size"]),
                                  kl_backend="auto", max_length=256)

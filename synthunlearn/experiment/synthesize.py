@@ -170,15 +170,19 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from synthunlearn.modeling import check_model_dir
+
         template = load_template(args.template)
         documents = read_documents(args.documents)[:args.limit]
         if not documents:
             raise DataError(f"--documents {args.documents}: no documents")
         if not Path(args.model).is_dir():
             raise UserError(f"--model {args.model}: not a model directory")
+        # Safetensors weights only and no shipped code, as for every model the trainer loads.
+        check_model_dir(args.model, "--model", trust_remote_code=False)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True).to(device).eval()
         records, stats = synthesize(model, tokenizer, documents, template=template,
                                     pairs_per_document=args.pairs_per_document,
                                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

@@ -95,3 +95,24 @@ def test_evaluate_user_errors(tiny, world_dir, tmp_path, capsys):
     code, _, err = _main(["--model", str(tiny["model_a"]), "--eval-dir", str(world_dir), "--baseline",
                           str(tiny["model_chat"]), "--output", str(tmp_path / "x.json"), "--limit", "1"], capsys)
     assert code == 0   # same vocabulary (the chat template differs), so the KL shift is allowed
+
+
+def test_pickle_weights_are_refused_by_the_evaluation_and_synthesis_tools(tiny, world_dir, tmp_path, capsys):
+    """Any model these tools are handed is loaded as the trainer loads one: safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from synthunlearn.experiment.synthesize import main as synthesize_main
+    pickled = tmp_path / "pickled"
+    AutoModelForCausalLM.from_pretrained(tiny["model_a"]).save_pretrained(pickled, safe_serialization=False)
+    AutoTokenizer.from_pretrained(tiny["model_a"]).save_pretrained(pickled)
+    assert (pickled / "pytorch_model.bin").exists() and not (pickled / "model.safetensors").exists()
+    code, _, err = _main(["--model", str(tiny["model_a"]), "--baseline", str(pickled), "--eval-dir",
+                          str(world_dir), "--output", str(tmp_path / "r.json"), "--limit", "1"], capsys)
+    assert code == 2 and "--baseline" in err and "pickle-based weights" in err and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+    docs = tmp_path / "docs.txt"
+    docs.write_text("Alan was born in Toraval.\n")
+    assert synthesize_main(["--model", str(pickled), "--documents", str(docs), "--output", str(tmp_path / "qa.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "pickle-based weights" in err
+    assert not (tmp_path / "qa.jsonl").exists()
