@@ -365,6 +365,8 @@ def train(job: str, args) -> None:
         for name, ds in sets.items():
             ds.sampler.load_state_dict(state["samplers"][name])
         torch.set_rng_state(state["torch_rng"])
+        if env.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], env.device)  # dropout on the GPU draws from it
         reapply_schedule(engine.lr_scheduler)  # max_steps may have changed, and with it the schedule
         log.info("resumed from %s at step %d", latest[1], step)
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=env.is_main, resume_step=step,
@@ -373,7 +375,10 @@ def train(job: str, args) -> None:
 
     def trainer_state() -> dict:
         return {"step": step, "samplers": {n: d.sampler.state_dict() for n, d in sets.items()},
-                "torch_rng": torch.get_rng_state()}
+                "torch_rng": torch.get_rng_state(),
+                # This rank's GPU generator (dropout, sampling on the device), so a resumed run on
+                # GPUs draws what the uninterrupted one would have; None on the CPU.
+                "cuda_rng": torch.cuda.get_rng_state(env.device) if env.device.type == "cuda" else None}
 
     def save() -> None:
         assert_finite_weights(engine, env)
