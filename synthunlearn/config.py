@@ -498,6 +498,13 @@ def validate(config: RunConfig, source: str = "config") -> None:
          "file; give data.kl.path or data.kl.files (with max_records on each file) instead")
     ob = config.objective
     need(ob.tau > 0, "objective.tau", "must be > 0")
+    # A relative bound is tau x the reference's NLL; with no reference.path the reference is the
+    # starting policy, so at tau <= 1 every forget unit starts at (or past) its bound: the capped
+    # term's gradient is zero from the first step and the run forgets nothing.
+    need(not (ob.forget == "capped_ga" and ob.tau_mode == "relative" and ob.tau <= 1
+              and config.reference.path is None), "objective.tau",
+         f"{ob.tau} with tau_mode relative is at most the starting NLL (the reference is the starting "
+         "policy), so the bounded ascent would never move; use tau > 1")
     need(ob.beta > 0, "objective.beta", "must be > 0")
     for w in ("forget_weight", "replay_weight", "kl_weight"):
         need(getattr(ob, w) >= 0, f"objective.{w}", "must be >= 0")

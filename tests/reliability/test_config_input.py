@@ -169,3 +169,19 @@ def test_validate_refuses_non_finite_numbers_set_in_code():
     config.optimisation.betas = (0.9, math.inf)
     with pytest.raises(ConfigError, match=r"optimisation\.betas\[1\]: inf is not a finite number"):
         validate(config, "cfg")
+
+
+# ---------------------------------------------------------------------------------------------
+# A bound that can never act
+# ---------------------------------------------------------------------------------------------
+
+def test_a_relative_bound_at_or_below_the_starting_nll_is_refused(tmp_path):
+    """tau_mode relative: bound = tau x the reference's NLL, and the reference is the starting policy
+    unless reference.path is given, so tau <= 1 leaves every unit at its bound from step 0."""
+    with pytest.raises(ConfigError, match=r"objective\.tau: 1\.0 with tau_mode relative .* use tau > 1"):
+        load_config(None, ["objective.tau_mode=relative", "objective.tau=1.0"])
+    assert load_config(None, ["objective.tau_mode=relative", "objective.tau=1.5"]).objective.tau == 1.5
+    # Another reference, or a term without the bound, may use any positive tau.
+    other = load_config(None, ["objective.tau_mode=relative", "objective.tau=0.8", f"reference.path={tmp_path}"])
+    assert other.objective.tau == 0.8
+    assert load_config(None, ["objective.tau_mode=relative", "objective.tau=0.5", "objective.forget=npo"])
