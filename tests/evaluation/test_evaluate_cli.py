@@ -99,12 +99,16 @@ def test_evaluate_user_errors(tiny, world_dir, tmp_path, capsys):
 
 def test_pickle_weights_are_refused_by_the_evaluation_and_synthesis_tools(tiny, world_dir, tmp_path, capsys):
     """Any model these tools are handed is loaded as the trainer loads one: safetensors only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
 
     from synthunlearn.experiment.synthesize import main as synthesize_main
     pickled = tmp_path / "pickled"
-    AutoModelForCausalLM.from_pretrained(tiny["model_a"]).save_pretrained(pickled, safe_serialization=False)
-    AutoTokenizer.from_pretrained(tiny["model_a"]).save_pretrained(pickled)
+    shutil.copytree(tiny["model_a"], pickled)
+    torch.save(load_file(str(pickled / "model.safetensors")), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
     assert (pickled / "pytorch_model.bin").exists() and not (pickled / "model.safetensors").exists()
     code, _, err = _main(["--model", str(tiny["model_a"]), "--baseline", str(pickled), "--eval-dir",
                           str(world_dir), "--output", str(tmp_path / "r.json"), "--limit", "1"], capsys)
