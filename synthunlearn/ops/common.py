@@ -17,13 +17,19 @@ def check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> No
     (the chunked fallback returned logp = -logsumexp(z), the target term silently 0), raise a
     backend-specific error, or trip an asynchronous device assert.
 
-    Cost: one fused elementwise pass and one reduction over the N labels.  On CUDA the ``bool()``
-    of that reduction is a host-device synchronisation (one per call; the trainer already syncs
-    on the token count each step).  The offending label is only looked up once the check fails.
+    Cost: one fused elementwise pass and one reduction over the N labels.  On CUDA the result is
+    checked by an asynchronous device assert (as torch's own gather does), not by reading it on
+    the host: a host sync per call would stall the training step's queue on the hot path.  The
+    error then surfaces at the next synchronisation, as a device-side assert naming this check.
+    On the CPU the offending label is looked up once the check fails, for the ValueError.
     """
     if labels.numel() == 0:
         return
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if labels.device.type == "cuda":
+        torch._assert_async(~bad.any(), f"linear_logprob_kl: labels must lie in [0, {vocab}) or equal "
+                                        f"ignore_index ({ignore_index})")
+        return
     if not bool(bad.any()):
         return
     index = int(bad.nonzero()[0, 0])

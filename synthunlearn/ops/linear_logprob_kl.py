@@ -8,8 +8,8 @@ Public interface (the trainer and outside checks call exactly this)::
     out.kl        (N,) float32 or None; "forward" KL(p_ref || p_theta), "reverse" KL(p_theta || p_ref)
     out.ref_logp  (N,) float32 or None; the reference's target log-prob, no gradient
 
-Every label must lie in [0, V) or equal ``ignore_index`` (ValueError otherwise, whatever the
-backend). The fused backends ("triton", "cpu", the chunked fallback) are differentiable once:
+Every label must lie in [0, V) or equal ``ignore_index`` (otherwise a ValueError on the CPU, a
+device-side assert on CUDA, whatever the backend). The fused backends ("triton", "cpu", the chunked fallback) are differentiable once:
 ``create_graph=True`` through them raises; "torch" supports higher-order derivatives.
 
 Backends: "torch" (materialising oracle), "triton" (CUDA, or CPU under TRITON_INTERPRET=1),
@@ -54,8 +54,8 @@ def _check_inputs(hidden, weight, labels, ref_hidden, ref_weight, kl_direction, 
                              f" and V={weight.shape[0]}, got {tuple(ref_hidden.shape)} and "
                              f"{tuple(ref_weight.shape)}")
     # Here, not in each backend, so that every backend (and the chunked fallback that "auto"
-    # reaches when the C++ build fails) rejects a label without a logit the same way.  On CUDA
-    # this costs one host sync per call (see check_label_range).
+    # reaches when the C++ build fails) rejects a label without a logit the same way.  On CUDA an
+    # asynchronous device assert: no host sync on the training step's path (check_label_range).
     check_label_range(labels, weight.shape[0], ignore_index)
 
 

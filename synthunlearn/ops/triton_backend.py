@@ -417,18 +417,6 @@ def _sm_count(index: Optional[int]) -> int:
                                             ).multi_processor_count
 
 
-def _check_labels(labels: torch.Tensor, valid: torch.Tensor, V: int, ignore_index: int):
-    """Labels outside [0, V) would silently read no target logit. linear_logprob_kl has checked
-    them already (a ValueError, one host sync on CUDA); this guards direct calls. On CUDA an
-    asynchronous device assert (no second host sync per call, like torch's own gather);
-    elsewhere the shared ValueError check."""
-    if labels.device.type == "cuda":
-        in_range = ~valid | ((labels >= 0) & (labels < V))
-        torch._assert_async(in_range.all(), f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
-    else:
-        check_label_range(labels, V, ignore_index)
-
-
 def _merge_splits(stats: torch.Tensor, has_ref: bool, forward_kl: bool):
     """Combine the per-split statistics (8, S, N) into the per-token (6, N) tensor saved for
     backward, [m_p, ls_p, m_q, ls_q, E_p[d], r_q] (LSE = m + ls, kept apart for precision; the last
@@ -484,7 +472,8 @@ class _LinearLogProbKL(torch.autograd.Function):
         rh, rw = _matmul_operands(ref_hidden.detach(), ref_weight.detach()) if has_ref else (h, w)
         labels = labels.to(torch.int64).contiguous()
         valid = labels != ignore_index
-        _check_labels(labels, valid, V, ignore_index)
+        # Checked by linear_logprob_kl already; again here for direct calls (no host sync on CUDA).
+        check_label_range(labels, V, ignore_index)
 
         if N == 0:
             tok = torch.zeros((6, 0), device=device, dtype=torch.float32)
