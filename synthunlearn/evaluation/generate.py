@@ -13,7 +13,8 @@ and the BOS id is prepended only where training prepends it (the default format;
 renders its own). A prompt is therefore token for token the prefix of a fine-tuning example.
 
 Decoding: greedy (``do_sample=False``) with ``use_cache=True``, prompts left-padded into batches.
-A sequence stops at the model's EOS token or after ``max_new_tokens`` new tokens; the decoded
+A sequence stops at the model's EOS token, at the layout's end-of-turn token
+(:func:`end_of_turn_ids`) or after ``max_new_tokens`` new tokens; the decoded
 text is then cut at the first stop string (by default, in the default format, the next user or
 system turn marker, ``"\\n<|user|>"``) and special tokens are removed.
 """
@@ -97,6 +98,34 @@ def reply_text(tokenizer, ids, stop_strings: Sequence[str]) -> str:
     return text.strip()
 
 
+def end_of_turn_ids(tokenizer) -> List[int]:
+    """The special tokens the fine-tuning layout puts right after an assistant reply: EOS in the
+    default format, the template's own end-of-turn token otherwise (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``...). Fine-tuning labels them with the reply, so the model
+    learns to emit them, and a reply ends there. A base model's ``generation_config`` often names
+    another EOS (``<|endoftext|>``): without these, generation would run on into an invented next
+    turn, whose text would be scored as part of the reply."""
+    reply = "Done."
+    try:
+        text = render_chat(tokenizer, [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": reply}])
+    except Exception:  # a template that needs more than one plain exchange: fall back to EOS alone
+        return []
+    tail = text[text.rindex(reply) + len(reply):]
+    special = set(tokenizer.all_special_ids)
+    return [i for i in tokenizer(tail, add_special_tokens=False)["input_ids"] if i in special]
+
+
+def _stop_token_ids(model, tokenizer):
+    """generation_config's EOS (or the tokenizer's) and the layout's end-of-turn tokens; the
+    original value when they add nothing, so generation is unchanged where they agree."""
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    known = [eos] if isinstance(eos, int) else list(eos or [])
+    extra = [i for i in end_of_turn_ids(tokenizer) if i not in known]
+    return known + extra if extra else eos
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
                        batch_size: int = 16, stop_strings: Optional[Sequence[str]] = None,
@@ -113,9 +142,7 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, max_new_toke
     if max_prompt_tokens:
         encoded = [ids[-max_prompt_tokens:] for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    eos_ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    if eos_ids is None:
-        eos_ids = tokenizer.eos_token_id
+    eos_ids = _stop_token_ids(model, tokenizer)
     results: List[Optional[str]] = [None] * len(prompts)
     was_training = model.training
     model.eval()

@@ -214,3 +214,37 @@ def test_kl_shift_rejects_different_vocabularies(loaded):
     model_a, tokenizer = loaded["model_a"]
     with pytest.raises(ValueError, match="vocabularies differ"):
         kl_shift(model_a, build_model(64, 0), tokenizer, [{"prompt": "a", "continuation": " b"}], backend="torch")
+
+
+def test_generation_also_stops_at_the_templates_end_of_turn_token(loaded, monkeypatch):
+    """A template may end an assistant turn with its own token (<|im_end|>, <|eot_id|>) while the
+    model's generation_config names another EOS (a base model's <|endoftext|>). Fine-tuning taught
+    the model to emit the template's token after a reply, so generation must stop there too,
+    instead of running on into an invented next turn."""
+    import copy
+    from tests.evaluation.conftest import CHAT_TEMPLATE
+    from synthunlearn.evaluation.generate import end_of_turn_ids
+    model, chat = loaded["model_chat"]
+    _, plain = loaded["model_a"]
+    # The default format and this template end a reply with EOS: nothing is added, eos unchanged.
+    assert end_of_turn_ids(plain) == [plain.eos_token_id]
+    assert end_of_turn_ids(chat) == [chat.eos_token_id]
+    tokenizer = copy.deepcopy(chat)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end < model.config.vocab_size
+    tokenizer.chat_template = CHAT_TEMPLATE.replace("{{ eos_token }}", "<|end|>")
+    assert end_of_turn_ids(tokenizer) == [end]
+    seen = []
+    original = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["eos_token_id"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    prompt = format_chat(tokenizer, [{"role": "user", "content": "Hi."}])
+    generate_responses(model, tokenizer, [prompt], max_new_tokens=2)
+    generate_responses(model, chat, [format_chat(chat, [{"role": "user", "content": "Hi."}])], max_new_tokens=2)
+    eos = model.generation_config.eos_token_id
+    assert seen == [[eos, end], eos]
