@@ -5,7 +5,8 @@
 Each RUN_DIR is an experiment's output_dir (its results.json). The configs must agree except on
 where and how fast they ran and which seeds and arms they covered, and no (arm, seed) may appear
 twice (synthunlearn/experiment/pooling.py). Writes <output-dir>/results.json, results.md (with the
-paired per-seed contrasts) and results.png, and prints the table.
+paired per-seed contrasts) and results.png, and prints the table. The output directory may hold an
+earlier pooled table, never a run's own results.json.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from synthunlearn import environment
-from synthunlearn.errors import ConfigError, DataError
+from synthunlearn.errors import ConfigError, DataError, UserError
 
 # Config keys that differ between runs of one study without changing any trained model
 # (``reuse_from`` only says where finished phases were taken from: same commands, same inputs).
@@ -141,9 +141,28 @@ def pool_run_dirs(run_dirs: Sequence, output_dir) -> Tuple[dict, str]:
 
     results = pool_runs([load_run(d) for d in run_dirs])
     out = Path(output_dir)
+    _check_output_dir(out, run_dirs)
     results["config"]["output_dir"] = str(out)
     out.mkdir(parents=True, exist_ok=True)
     return results, write_outputs(results, out)
+
+
+def _check_output_dir(out: Path, run_dirs: Sequence) -> None:
+    """The pooled table may replace an earlier pooled table, never a run's own results: those are
+    what a later pooling (or a reader of that run) needs, and rewriting them cannot be undone."""
+    if any(out.resolve() == Path(d).resolve() for d in run_dirs):
+        raise UserError(f"--output-dir {out}: is one of the runs being pooled; writing the pooled "
+                        "table there would replace that run's results.json: choose another directory")
+    existing = out / "results.json"
+    if existing.is_file():
+        try:
+            data = json.loads(existing.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = None
+        pooled = isinstance(data, dict) and "pooled_from" in data
+        if not pooled:
+            raise UserError(f"--output-dir {out}: {existing} is not a pooled table (an experiment's "
+                            "own results?); it would be replaced: choose another directory")
 
 
 def pooled_header(results: dict) -> List[str]:

@@ -143,6 +143,22 @@ def test_pool_results_cli(two_runs, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error: arm 'docs_only' seed 0 is in both" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # A pooled table may replace an earlier pooled table, never a run's own results.
+    proc = subprocess.run([sys.executable, script, str(a), str(b), "--output-dir", str(tmp_path / "p")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    own = {run: (run / "results.json").read_bytes() for run in (a, b)}
+    proc = subprocess.run([sys.executable, script, str(a), str(b), "--output-dir", str(b)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is one of the runs being pooled" in proc.stderr, proc.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "results.json").write_bytes(own[a])
+    proc = subprocess.run([sys.executable, script, str(a), str(b), "--output-dir", str(other)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is not a pooled table" in proc.stderr, proc.stderr
+    assert {run: (run / "results.json").read_bytes() for run in (a, b)} == own
+    assert (other / "results.json").read_bytes() == own[a]
 
 
 def test_pooled_contrasts_of_the_after_sft_arms_carry_the_prompt_sampling_error(tmp_path):
