@@ -26,9 +26,13 @@ forward_stop() {
     TRAPPED=1
     log "received SIG$1: asking the ranks to checkpoint at the next step boundary and exit"
     STOP_REQUESTED=$1
-    [[ -n $SRUN_PID ]] || return 0     # srun not started yet: handled before it would start
+    # Before srun starts, the request is acted on where srun would start or just after it has.
+    [[ -n $SRUN_PID ]] || return 0
     # USR1, never TERM: srun answers TERM by SIGKILLing the tasks, which would lose the step.
     kill -USR1 "$SRUN_PID" 2>/dev/null
+    repeat_stop
+}
+repeat_stop() {
     # Ranks still starting up ignore USR1 until the trainer installs its handler (see the srun
     # line), so repeat it until srun ends; the trainer treats repeats as one request.
     if [[ -z $RESENDER_PID ]]; then
@@ -104,6 +108,10 @@ srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER
     bash -c 'trap "" USR1; exec "$@"' synthunlearn-rank \
     "$PY" -u "$SYNTHUNLEARN_ROOT/launch/$JOB.py" "$@" &
 SRUN_PID=$!
+# A request that came after the check above but before SRUN_PID was set found no srun to signal.
+# Not sent at once: srun has only just been forked, and a USR1 before it installs its own handlers
+# would kill it (and the job, unrequeued): the repeats start SYNTHUNLEARN_STOP_RESEND_S later.
+[[ -n $STOP_REQUESTED ]] && repeat_stop
 while :; do
     TRAPPED=0
     wait "$SRUN_PID"

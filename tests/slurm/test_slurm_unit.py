@@ -215,6 +215,20 @@ def test_stop_request_is_repeated_until_the_ranks_take_it(fake_slurm):
     assert "requeue 321" in _calls(fake_slurm)
 
 
+def test_stop_request_just_before_srun_pid_is_known_is_not_lost(fake_slurm, tmp_path):
+    # A DEBUG trap (read from BASH_ENV before the script runs; -T so that it also runs in the
+    # sourced job.sh) signals the batch shell right before `SRUN_PID=$!`: srun is running but the
+    # stop handler cannot name it yet. The request must still reach the ranks (before the fix
+    # srun ran on, and the job ended with its status 9), and not before srun can take it (sent at
+    # once, it killed the stand-in srun before its handler was installed: status 138).
+    hook = tmp_path / "hook.sh"
+    hook.write_text("""set -T; trap '[[ $BASH_COMMAND == "SRUN_PID=\\$!" ]] && kill -USR1 $$' DEBUG\n""")
+    p = fake_slurm("signal", BASH_ENV=str(hook), SYNTHUNLEARN_STOP_RESEND_S="2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (fake_slurm.log / "srun.signal").read_text().strip() == "forwarded"
+    assert "received SIGUSR1" in p.stdout and "requeue 321" in _calls(fake_slurm)
+
+
 def test_ranks_start_with_usr1_ignored(fake_slurm):
     # the real srun line runs each rank through `bash -c 'trap "" USR1; exec "$@"'`: check that an
     # ignored USR1 survives the exec, so a stop request during imports cannot kill a rank
