@@ -565,10 +565,23 @@ def prepare_eval_dir(cfg: dict, out: Path, world_dir: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 # Running the launchers
 
+_PORTS_HANDED_OUT: set = set()
+_PORTS_LOCK = threading.Lock()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that is free now for a launcher's rendezvous and that no earlier phase of this process
+    was given: with ``parallel_jobs > 1`` a launcher binds its port seconds after it starts, and
+    meanwhile the kernel may offer the same free port to the phase started next."""
+    with _PORTS_LOCK:
+        for _ in range(1000):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _PORTS_HANDED_OUT:
+                _PORTS_HANDED_OUT.add(port)
+                return port
+    raise RuntimeError("no free local port for a launcher's rendezvous that this run has not used")
 
 
 def job_env(omp_threads: int = 1) -> dict:

@@ -551,3 +551,28 @@ def test_launcher_command_does_not_depend_on_how_the_interpreter_was_found(prepa
     assert os.path.isabs(command[0]) or command[0] == "deepspeed"
     if launcher == "python":
         assert command[0] == absolute  # not resolved: a venv's python is a symlink
+
+
+def test_concurrent_phases_never_get_the_same_rendezvous_port(monkeypatch):
+    # The kernel may offer a port again once the probing socket is closed, before the launcher
+    # that was given it binds it: the pipeline must not hand it to a second phase.
+    from synthunlearn.experiment import pipeline
+
+    offered = iter([41001, 41001, 41001, 41002])
+
+    class Probe:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(pipeline.socket, "socket", Probe)
+    monkeypatch.setattr(pipeline, "_PORTS_HANDED_OUT", set())
+    assert [pipeline._free_port(), pipeline._free_port()] == [41001, 41002]
