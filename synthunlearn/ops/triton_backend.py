@@ -558,6 +558,10 @@ def linear_logprob_kl_triton(hidden, weight, labels, ref_hidden=None, ref_weight
         raise ValueError(f"kl_direction must be 'forward' or 'reverse', got {kl_direction!r}")
     _check_device(hidden, weight, labels, ref_hidden, ref_weight)
     cfg = config or _default_config(hidden.device)
+    # The reference is frozen (no gradient reaches it, as in every backend): detached, the outputs
+    # require grad only when the policy's hidden states or head do.
+    if ref_hidden is not None:
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
     logp, kl, ref_logp = _LinearLogProbKL.apply(
         hidden, weight, labels, ref_hidden, ref_weight, kl_direction == "forward", int(ignore_index), cfg,
         _deterministic(deterministic))

@@ -98,6 +98,19 @@ def test_frozen_head_and_frozen_hidden():
     assert grad_h is None and grad_w is not None
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+def test_a_reference_that_requires_grad_stays_frozen(backend):
+    # Every backend treats the reference as frozen: outputs that require grad only because the
+    # reference does would promise a gradient that never comes.
+    hidden, weight, labels, rh, rw, _, _ = make_inputs(torch.float32, seed=9)
+    rh, rw = rh.detach().requires_grad_(True), rw.detach().requires_grad_(True)
+    out = linear_logprob_kl(hidden.detach(), weight.detach(), labels, rh, rw, backend=backend)
+    assert not (out.logp.requires_grad or out.kl.requires_grad or out.ref_logp.requires_grad)
+    out = linear_logprob_kl(hidden, weight, labels, rh, rw, backend=backend)
+    (out.logp.sum() + out.kl.sum()).backward()
+    assert hidden.grad is not None and rh.grad is None and rw.grad is None
+
+
 def test_tied_embedding_composes_with_autograd():
     # hidden = tanh(E[tokens]) and weight = E: the gradient reaches E along both paths.
     g = torch.Generator().manual_seed(8)
