@@ -109,13 +109,13 @@ def test_pipeline_smoke_writes_results_schema(tmp_path):
     assert adopted["environment"] == json.loads((out / "seed0/cpt/synthetic/phase.json").read_text())["environment"]
 
     branch = tmp_path / "sft3"
-    proc = _run([f"output_dir={branch}", f"reuse_from={out}", *SMOKE, "arms=[docs_only,unlearned]",
+    proc = _run([f"output_dir={branch}", f"reuse_from={out}", *SMOKE, "arms=[unlearned]",
                  "phases.sft.max_steps=3"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = [line for line in proc.stdout.splitlines() if line.startswith("[")]
     trained = [line.split("] ", 1)[1] for line in log if line.endswith(" steps")]
-    assert sorted(trained) == [f"seed0/sft/{arm}: sft 3 steps" for arm in ("docs_only", "unlearned")]
-    assert sum(": reused from" in line for line in log) == 4                  # base, two cpt, unlearn
+    assert trained == ["seed0/sft/unlearned: sft 3 steps"]
+    assert sum(": reused from" in line for line in log) == 3                  # base, cpt/synthetic, unlearn
     assert not [line for line in log if "evaluation reused" in line]
     stamp = json.loads((branch / "seed0/sft/unlearned/phase.json").read_text())
     assert "reused_from" not in stamp and stamp["command"][stamp["command"].index("--max-steps") + 1] == "3"

@@ -443,9 +443,3 @@ def test_two_ranks_bad_data_both_ranks_fail_cleanly(tmp_path):
     errors = _clean_failure(proc, out, f"{path}:2", "'response'")
     assert len(errors) >= 2, errors  # one line from each rank, neither hangs in a collective
 
-
-def test_two_ranks_world_size_does_not_divide_global_batch(tmp_path):
-    out = tmp_path / "out"
-    proc = run_job("sft", ["--output-dir", str(out), "data.sft.global_batch_size=3", *QUIET], nprocs=2,
-                   check=False, timeout=240)
-    _clean_failure(proc, out, "data.sft.global_batch_size=3", "world_size (2)")
