@@ -1,6 +1,7 @@
-"""launch/slurm/*.sbatch on a real single-node SLURM cluster (installed and started by
+"""launch/slurm/unlearn.sbatch on a real single-node SLURM cluster (installed and started by
 tests/slurm/start_cluster.sh): 2 CPU ranks through srun, the exported model, and a preemption
-signal -> checkpoint -> requeue -> resume that ends with the uninterrupted run's weights."""
+signal -> checkpoint -> requeue -> resume that ends with the uninterrupted run's weights.
+sft.sbatch differs from it only in its JOB line (test_slurm_unit.py checks that)."""
 
 from __future__ import annotations
 
@@ -73,9 +74,11 @@ def test_sbatch_unlearn_two_ranks_exports_a_loadable_model(slurm, uninterrupted)
 
 
 def test_signal_requeues_and_resumes_to_the_same_weights(slurm, uninterrupted, tmp_path):
+    # Submitted in the documented form, from the repository with a relative script path (the
+    # reference run was submitted from outside it): the requeued run must find it again.
     reference = uninterrupted[0] / "out"
     out = tmp_path / "out"
-    proc, job_id = _sbatch(slurm, REPO / "launch/slurm/unlearn.sbatch", out, tmp_path, wait=False, cwd=tmp_path)
+    proc, job_id = _sbatch(slurm, "launch/slurm/unlearn.sbatch", out, tmp_path, wait=False, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
 
     # wait for a few optimizer steps, then send what `#SBATCH --signal=B:USR1@N` sends before a limit
@@ -106,18 +109,6 @@ def test_signal_requeues_and_resumes_to_the_same_weights(slurm, uninterrupted, t
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
-
-
-def test_sbatch_sft_from_the_repository(slurm, tmp_path):
-    """The documented form: submitted from the repository with a relative script path."""
-    proc = slurm.run("sbatch", "--parsable", "--wait", *SBATCH_OPTS, f"--output={tmp_path}/slurm-%j.out",
-                     "launch/slurm/sft.sbatch", "--output-dir", str(tmp_path / "out"), "--max-steps", "3",
-                     "logging.progress_bar=false", check=False, timeout=400, cwd=REPO)
-    job_id = proc.stdout.strip()
-    log = _log(tmp_path, job_id) if job_id else ""
-    assert proc.returncode == 0, f"{proc.stderr}\n{log[-6000:]}"
-    assert "synthunlearn-sft" in log and "finished: model in" in log
-    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
 
 
 def test_hostnames_match_scontrol(slurm):
