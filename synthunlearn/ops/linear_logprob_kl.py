@@ -9,8 +9,9 @@ Public interface (the trainer and outside checks call exactly this)::
     out.ref_logp  (N,) float32 or None; the reference's target log-prob, no gradient
 
 Every label must lie in [0, V) or equal ``ignore_index`` (otherwise a ValueError on the CPU, a
-device-side assert on CUDA, whatever the backend). The fused backends ("triton", "cpu", the chunked fallback) are differentiable once:
-``create_graph=True`` through them raises; "torch" supports higher-order derivatives.
+device-side assert on CUDA, whatever the backend). The fused backends ("triton", "cpu", the
+chunked fallback) are differentiable once: ``create_graph=True`` through them raises; "torch"
+supports higher-order derivatives.
 
 Backends: "torch" (materialising oracle), "triton" (CUDA, or CPU under TRITON_INTERPRET=1),
 "cpu" (C++ extension), "auto" (triton on CUDA, cpu on CPU).

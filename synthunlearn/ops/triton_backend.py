@@ -469,7 +469,8 @@ class _LinearLogProbKL(torch.autograd.Function):
         V = weight.shape[0]
         has_ref = ref_hidden is not None
         h, w = _matmul_operands(hidden, weight)
-        rh, rw = _matmul_operands(ref_hidden.detach(), ref_weight.detach()) if has_ref else (h, w)
+        # (the reference arrives detached: linear_logprob_kl_triton)
+        rh, rw = _matmul_operands(ref_hidden, ref_weight) if has_ref else (h, w)
         labels = labels.to(torch.int64).contiguous()
         valid = labels != ignore_index
         # Checked by linear_logprob_kl already; again here for direct calls (no host sync on CUDA).
