@@ -131,6 +131,14 @@ class WorldConfig:
     # sentence vs understanding of the constraint. Drawn from its own stream, so the prompts keep
     # their people, facts and constraints whatever the share; only the wording changes.
     eval_heldout_phrasing_share: float = 0.0
+    # How a prompt's sentences are joined. One constraint sentence ends with an example on a line
+    # of its own (bullet_list's first wording: "...using markdown bullets such as:\n* This is a
+    # point."); joined with a space, the next constraint sentence or the question continues that
+    # example line and reads as the example bullet's text. True puts a line break after such a
+    # sentence. False (the default, the layout of every world written before this knob) keeps the
+    # figures recorded for the experiment files reproducible; it touches 2-4 % of the prompts of
+    # each instruction set (docs/experiment.md, "The example bullet's line break").
+    break_after_example: bool = False
     n_mc: int = 300
     n_neutral: int = 80
     n_bare_questions: int = 80
@@ -390,12 +398,27 @@ def _instruction_record(person: Person, types: Sequence[str], task_kind: str, wo
             continue
         instructions = [instruction_text(s, rng, phrasing) for s in specs]
         first = first and bool(instructions)
-        prompt = " ".join(instructions + [task.question] if first else [task.question] + instructions)
+        prompt = _join_sentences(instructions + [task.question] if first else [task.question] + instructions,
+                                 cfg.break_after_example)
         return {"prompt": prompt, "reference": reference, "constraints": specs, "person": person.id,
                 "task": task_kind, "fact": fact, "wording": wording,
                 "placement": "first" if first else "last",
                 "phrasing": phrasing}
     return None
+
+
+def _join_sentences(sentences: Sequence[str], break_after_example: bool) -> str:
+    """A prompt's sentences joined by spaces; with ``break_after_example``, a sentence that ends
+    on a line of its own (an example line, WorldConfig.break_after_example) is followed by a line
+    break, so what comes next does not continue that line."""
+    if not break_after_example:
+        return " ".join(sentences)
+    text = ""
+    for index, sentence in enumerate(sentences):
+        if index:
+            text += "\n" if "\n" in sentences[index - 1] else " "
+        text += sentence
+    return text
 
 
 def _choose_types(rng: random.Random, n_constraints: int, singles: Sequence[str],

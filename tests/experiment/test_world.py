@@ -247,6 +247,44 @@ def test_extra_training_wordings(world):
     assert len(common) >= 10 and all(len(seen[t]) > 2 for t in common), (seen, counts)
 
 
+def _prompts(world, name):
+    return [r["prompt"] if "prompt" in r else r["messages"][0]["content"] for r in world.data[name]]
+
+
+EXAMPLE_LINE = "such as:\n* This is a point."   # bullet_list's first wording ends with it
+
+
+def test_break_after_example():
+    # Default: the layout of the worlds written before the knob, where what follows the example
+    # bullet continues its line.
+    knobs = {**SMALL, "n_sft": 300, "n_pretrain_instructions": 200, "n_if_eval": 200,
+             "train_instruction_first_share": 0.5, "eval_instruction_first_share": 0.5}
+    before = build_world(WorldConfig(seed=7, **knobs))
+    glued = [p for name in ("sft", "pretrain_instructions", "if_eval") for p in _prompts(before, name)
+             if EXAMPLE_LINE + " " in p]
+    assert len(glued) >= 10
+    broken = build_world(WorldConfig(seed=7, **{**knobs, "break_after_example": True}))
+    changed = 0
+    for name in before.data:
+        assert len(broken.data[name]) == len(before.data[name]), name
+        for old, new in zip(before.data[name], broken.data[name]):
+            if new == old:
+                continue
+            # The same records (the knob draws no random numbers): only the break differs.
+            changed += 1
+            assert json.dumps(new).replace(json.dumps(EXAMPLE_LINE + "\n")[1:-1], json.dumps(EXAMPLE_LINE + " ")[1:-1]) \
+                == json.dumps(old), (old, new)
+    assert changed >= len(glued)
+    for name in ("sft", "pretrain_instructions", "if_eval"):
+        for prompt in _prompts(broken, name):
+            assert EXAMPLE_LINE + " " not in prompt, prompt
+            if EXAMPLE_LINE in prompt and not prompt.endswith(EXAMPLE_LINE):
+                assert EXAMPLE_LINE + "\n" in prompt, prompt
+    # Constraints first: the question starts a line of its own, after the example.
+    assert any(record["placement"] == "first" and EXAMPLE_LINE + "\n" in prompt
+               for name in ("sft", "if_eval") for record, prompt in zip(broken.data[name], _prompts(broken, name)))
+
+
 def _synthetic_worded(world, name):
     """Records of a set whose question is the synthetic wording of its person and fact."""
     return [r for r in world.data[name] if r["task"] == "fact" and r["wording"] == "synthetic"
