@@ -100,17 +100,21 @@ if [[ -n $STOP_REQUESTED ]]; then   # signalled during the set-up above: nothing
 fi
 
 # srun in the background, because bash runs traps only between commands: a foreground srun would
-# hold the signal until training ended. Each rank starts with SIGUSR1 ignored (an ignored signal
-# stays ignored across exec) so that a stop request during its imports does not kill it; the
-# trainer's own handler replaces that. --kill-on-bad-exit: one crashed rank ends the step instead
-# of leaving the others blocked in a collective.
-srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
-    bash -c 'trap "" USR1; exec "$@"' synthunlearn-rank \
-    "$PY" -u "$SYNTHUNLEARN_ROOT/launch/$JOB.py" "$@" &
+# hold the signal until training ended. srun itself starts with SIGUSR1 ignored (an ignored signal
+# stays ignored across exec) until it installs its own handler, which forwards the signal to the
+# ranks: a USR1 in between, e.g. a stop request just after srun was forked, would otherwise kill
+# it and end the job unrequeued (on a test cluster: killed when sent as srun was forked, forwarded
+# when sent 50 ms later); now such a request is lost, and its repeats (repeat_stop) reach the
+# ranks. Each rank likewise starts with SIGUSR1 ignored so that a stop request during its imports
+# does not kill it; the trainer's own handler replaces that. --kill-on-bad-exit: one crashed rank
+# ends the step instead of leaving the others blocked in a collective.
+( trap '' USR1
+  exec srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
+      bash -c 'trap "" USR1; exec "$@"' synthunlearn-rank \
+      "$PY" -u "$SYNTHUNLEARN_ROOT/launch/$JOB.py" "$@" ) &
 SRUN_PID=$!
 # A request that came after the check above but before SRUN_PID was set found no srun to signal.
-# Not sent at once: srun has only just been forked, and a USR1 before it installs its own handlers
-# would kill it (and the job, unrequeued): the repeats start SYNTHUNLEARN_STOP_RESEND_S later.
+# srun has only just been forked and would ignore it: the repeats start SYNTHUNLEARN_STOP_RESEND_S later.
 [[ -n $STOP_REQUESTED ]] && repeat_stop
 while :; do
     TRAPPED=0

@@ -93,6 +93,15 @@ def test_cli():
 
 FAKE_SRUN = r"""#!/bin/bash
 # Stand-in for srun: records its command line, then behaves as $FAKE_MODE says.
+# job.sh starts srun with SIGUSR1 ignored; the real srun installs its own handler over that, but
+# bash cannot trap a signal ignored on entry, so the stand-in first re-executes itself with the
+# signal at its default (a USR1 while it is still ignored is lost, as it is for the real srun).
+if [[ -z ${FAKE_SRUN_READY:-} ]]; then
+  export FAKE_SRUN_READY=1
+  exec "$SYNTHUNLEARN_PYTHON" -c 'import os, signal, sys
+signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+os.execv("/bin/bash", ["bash"] + sys.argv[1:])' "$0" "$@"
+fi
 echo "$*" > "$FAKE_LOG/srun.args"
 case $FAKE_MODE in
   finish) exit 0 ;;
@@ -227,6 +236,23 @@ def test_stop_request_just_before_srun_pid_is_known_is_not_lost(fake_slurm, tmp_
     assert p.returncode == 0, p.stdout + p.stderr
     assert (fake_slurm.log / "srun.signal").read_text().strip() == "forwarded"
     assert "received SIGUSR1" in p.stdout and "requeue 321" in _calls(fake_slurm)
+
+
+def test_stop_request_just_after_srun_is_forked_does_not_kill_it(fake_slurm, tmp_path):
+    # The batch shell is signalled right after `SRUN_PID=$!`, so the request is forwarded to an
+    # srun forked an instant ago, before it can have installed its handler. srun starts with the
+    # signal ignored: the first USR1 is lost and a repeat reaches it (before, the USR1 killed the
+    # stand-in srun: status 138, the job not requeued).
+    hook = tmp_path / "hook.sh"
+    hook.write_text("""set -T; trap '[[ -n ${SRUN_PID:-} && $BASH_COMMAND == "[[ -n \\$STOP_REQUESTED ]]" ]] \\
+        && kill -USR1 $$' DEBUG\n""")
+    p = fake_slurm("signal", BASH_ENV=str(hook), SYNTHUNLEARN_STOP_RESEND_S="2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "received SIGUSR1" in p.stdout and "requeue 321" in _calls(fake_slurm), p.stdout + p.stderr
+    assert (fake_slurm.log / "srun.signal").read_text().strip() == "forwarded"
+    # srun itself was started with the signal ignored (the ranks' own trap is checked below).
+    job_sh = (REPO / "launch/slurm/job.sh").read_text()
+    assert "( trap '' USR1\n  exec srun " in job_sh
 
 
 def test_ranks_start_with_usr1_ignored(fake_slurm):
