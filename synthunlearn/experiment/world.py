@@ -136,7 +136,7 @@ class WorldConfig:
     # point."); joined with a space, the next constraint sentence or the question continues that
     # example line and reads as the example bullet's text. True puts a line break after such a
     # sentence. False (the default, the layout of every world written before this knob) keeps the
-    # figures recorded for the experiment files reproducible; it touches 2-4 % of the prompts of
+    # figures recorded for the experiment files reproducible; it touches 2-5 % of the prompts of
     # each instruction set (docs/experiment.md, "The example bullet's line break").
     break_after_example: bool = False
     n_mc: int = 300
