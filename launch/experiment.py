@@ -1,4 +1,4 @@
-"""The paper's experiment end to end (see synthunlearn/experiment/pipeline.py).
+"""The paper's experiment end to end (see synthunlearn/experiment/pipeline.py; the keys: config.py).
 
     python launch/experiment.py [--config configs/experiment/demo.yaml] [key.sub=value ...]
     python launch/experiment.py --config configs/experiment/demo_30m.yaml --print-config
@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved configuration as YAML and exit without running anything")
     args = parser.parse_args(argv)
-    from synthunlearn.experiment.pipeline import load_experiment_config, output_path, run_experiment
+    from synthunlearn.experiment.config import load_experiment_config, output_path
+    from synthunlearn.experiment.pipeline import run_experiment
 
     start = time.perf_counter()
 

@@ -28,6 +28,10 @@ from typing import Dict, List, Sequence, Tuple
 
 from synthunlearn import environment
 from synthunlearn.errors import ConfigError, DataError, UserError
+from synthunlearn.experiment.config import ALL_ARMS, DEFAULTS, deep_merge
+from synthunlearn.experiment.pipeline import evaluated_phase_name
+from synthunlearn.experiment.results import (check_predictions, evaluation_prompt_hits, paired_contrasts,
+                                             summarise, write_outputs)
 
 # Config keys that differ between runs of one study without changing any trained model
 # (``reuse_from`` only says where finished phases were taken from: same commands, same inputs).
@@ -62,9 +66,7 @@ def load_run(run_dir) -> dict:
 def _comparable(config: dict) -> Dict[str, object]:
     """A run's config flattened, over today's defaults: a key added to the pipeline after the run
     was written has the default that keeps the old behaviour, so its absence is not a difference."""
-    from synthunlearn.experiment.pipeline import DEFAULTS, _merge
-
-    return {k: v for k, v in _flatten(_merge(DEFAULTS, config)).items() if k.split(".")[0] not in RUN_ONLY_KEYS}
+    return {k: v for k, v in _flatten(deep_merge(DEFAULTS, config)).items() if k.split(".")[0] not in RUN_ONLY_KEYS}
 
 
 def _check_same_experiment(reference: dict, other: dict) -> None:
@@ -79,9 +81,6 @@ def _check_same_experiment(reference: dict, other: dict) -> None:
 
 def pool_runs(runs: Sequence[dict]) -> dict:
     """Merged results of :func:`load_run` outputs (at least one)."""
-    from synthunlearn.experiment.pipeline import (ALL_ARMS, check_predictions, evaluated_phase_name,
-                                                  evaluation_prompt_hits, paired_contrasts, summarise)
-
     if not runs:
         raise ConfigError("pooling needs at least one run directory")
     for run in runs[1:]:
@@ -137,8 +136,6 @@ def _in_run(name: str, run_dir: Path) -> str:
 def pool_run_dirs(run_dirs: Sequence, output_dir) -> Tuple[dict, str]:
     """Loads every run, pools them and writes ``results.json``/``.md``/``.png`` in ``output_dir``;
     returns the results and the text of ``results.md``."""
-    from synthunlearn.experiment.pipeline import write_outputs
-
     results = pool_runs([load_run(d) for d in run_dirs])
     out = Path(output_dir)
     _check_output_dir(out, run_dirs)

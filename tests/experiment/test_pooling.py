@@ -11,7 +11,7 @@ import pytest
 from synthunlearn.errors import ConfigError, DataError
 from synthunlearn.evaluation.report import aggregate_seeds, write_json
 from synthunlearn.evaluation.statistics import paired_difference
-from synthunlearn.experiment.pipeline import load_experiment_config
+from synthunlearn.experiment.config import load_experiment_config
 from synthunlearn.experiment.pooling import pool_run_dirs
 from tests.launcher import REPO
 
@@ -165,7 +165,7 @@ def test_pooled_contrasts_of_the_after_sft_arms_carry_the_prompt_sampling_error(
     """An after-SFT arm ends in an unlearning phase and is evaluated there
     (seed<N>/unlearn/<arm>/eval.json, not sft/<arm>): pooling finds its per-prompt hits, so its
     contrasts have the prompt-sampling error one run over every seed gives them."""
-    from synthunlearn.experiment.pipeline import paired_contrasts
+    from synthunlearn.experiment.results import paired_contrasts
 
     hits = {"synthetic": [1, 0, 0, 1, 0, 0], "unlearned_after_sft": [1, 1, 0, 1, 1, 0]}
     evaluated_in = {"synthetic": "sft", "unlearned_after_sft": "unlearn"}

@@ -10,10 +10,10 @@ import shutil
 import pytest
 
 from synthunlearn.errors import ConfigError
-from synthunlearn.experiment import pipeline
-from synthunlearn.experiment.pipeline import (REPO, Phase, _eval_signature, inputs_digest, launcher_command,
-                                              load_experiment_config, phase_done, plan_phases, prepare_data,
-                                              prepare_model, prepare_world, run_phase)
+from synthunlearn.experiment import phases
+from synthunlearn.experiment.config import REPO, load_experiment_config
+from synthunlearn.experiment.phases import Phase, inputs_digest, launcher_command, phase_done, run_phase
+from synthunlearn.experiment.pipeline import _eval_signature, plan_phases, prepare_data, prepare_model, prepare_world
 
 SMALL_WORLD = ("world={n_people: 30, pretrain_instruction_people: 8, sft_people: 10, docs_per_person: 2, n_orgs: 5, "
                "n_cities: 6, n_pretrain_instructions: 20, n_sft: 20, n_if_eval: 6, n_mc: 8, n_heldout_docs: 4, "
@@ -226,8 +226,8 @@ def test_a_phase_interrupted_while_it_reruns_is_not_reused(unlearn_phase, monkey
         (phase.out_dir / "final" / "config.json").write_text('{"trained": "with 40 steps"}')
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline.environment, "describe", lambda: {})
-    monkeypatch.setattr(pipeline.subprocess, "run", launcher)
+    monkeypatch.setattr(phases.environment, "describe", lambda: {})
+    monkeypatch.setattr(phases.subprocess, "run", launcher)
     longer = Phase(**{**phase.__dict__, "max_steps": 40})
     with pytest.raises(KeyboardInterrupt):
         run_phase(cfg, longer, lambda _: None)

@@ -56,7 +56,7 @@ def test_duplicate_nested_key_names_its_line(tmp_path, text, line, key):
 
 
 def test_duplicate_key_in_an_experiment_config(tmp_path):
-    from synthunlearn.experiment.pipeline import read_experiment_file
+    from synthunlearn.experiment.config import read_experiment_file
 
     path = tmp_path / "exp.yaml"
     path.write_text("seeds: [0, 1, 2]\nphases:\n  sft: {max_steps: 40}\nseeds: [3]\n")
@@ -89,7 +89,7 @@ def test_the_loader_is_still_safe(tmp_path):
 def test_every_shipped_config_reads_as_before():
     """The stricter reader changes nothing for the repository's own configs: every YAML under
     configs/ reads to what yaml.safe_load gives, and loads as a run or experiment config."""
-    from synthunlearn.experiment.pipeline import load_experiment_config
+    from synthunlearn.experiment.config import load_experiment_config
 
     paths = sorted((REPO / "configs").rglob("*.y*ml"))
     assert len(paths) >= 5
