@@ -169,14 +169,17 @@ def phase_seconds(phases) -> Dict[str, float]:
 def unlearning_diagnostics(phases) -> Dict[str, Dict[str, dict]]:
     """arm -> seed -> the last logged step of each unlearning phase: how far the ascent went
     against tau (``forget_nll``, ``forget_at_bound``, ``forget_overshoot``) and what replay and KL
-    cost -- the design notes warn that capped ascent overshoots its bound."""
+    cost -- the design notes warn that capped ascent overshoots its bound.
+
+    Only training records count: a run with held-out sets also logs ``{"step": N, "eval/...":
+    ...}`` records, the last of them after the last training step, and those hold none of these keys."""
     unlearning: Dict[str, Dict[str, dict]] = {}
     for phase in phases:
         if phase.job != "unlearn" or not (phase.out_dir / "metrics.jsonl").exists():
             continue
         rows = [json.loads(line) for line in (phase.out_dir / "metrics.jsonl").read_text().splitlines()
-                if line.strip() and not line.startswith('{"eval')]
-        rows = [r for r in rows if "step" in r]
+                if line.strip()]
+        rows = [r for r in rows if "step" in r and not any(key.startswith("eval/") for key in r)]
         if rows:
             last = rows[-1]
             unlearning.setdefault(phase.name.split("/")[-1], {})[phase.name.split("/")[0]] = {

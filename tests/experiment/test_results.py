@@ -77,3 +77,37 @@ def test_prompt_hits_of_an_older_evaluation_are_rescored_from_its_responses(tmp_
     assert evaluation_prompt_hits(phase_dir / "eval.json", eval_dir) == [0, 1]
     (phase_dir / "eval.json").write_text(json.dumps({"details": {"if": {}}, "generations": generations[1:]}))
     assert evaluation_prompt_hits(phase_dir / "eval.json", eval_dir) is None
+
+
+
+def _finished_phase(root, name, job, seconds, evaluated=False, eval_seconds=None, metrics=()):
+    from synthunlearn.experiment.phases import Phase
+
+    phase = Phase(name, job, root / name, "cfg.yaml", 10, 0, {}, [], evaluated)
+    phase.out_dir.mkdir(parents=True)
+    (phase.out_dir / "phase.json").write_text(json.dumps({"command": [], "seconds": seconds}))
+    if eval_seconds is not None:
+        (phase.out_dir / "eval.json").write_text(json.dumps({"wall_seconds": eval_seconds}))
+    if metrics:
+        (phase.out_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+    return phase
+
+
+def test_phase_seconds_and_unlearning_diagnostics_read_each_phases_records(tmp_path):
+    """The recorded cost of every phase and evaluation, and the last logged training step of each
+    unlearning phase: the held-out evaluation a run with eval sets logs after its last step (as
+    synthunlearn.training.trainer writes it) is not a training step."""
+    from synthunlearn.experiment.results import phase_seconds, unlearning_diagnostics
+
+    rows = [{"step": 0, "eval/forget_nll": 1.0, "eval/kl": 0.0}, {"step": 10, "forget_nll": 2.0, "kl": 0.1},
+            {"step": 10, "eval/forget_nll": 2.5, "eval/kl": 0.1},
+            {"step": 20, "forget_nll": 3.5, "forget_at_bound": 0.75, "kl": 0.2, "lr": 1e-3},
+            {"step": 20, "eval/forget_nll": 3.0, "eval/kl": 0.2, "eval/forget_nll_over_tau": 1.0}]
+    phases = [_finished_phase(tmp_path, "base", "sft", 100.0),
+              _finished_phase(tmp_path, "seed1/unlearn/unlearned", "unlearn", 20.0, metrics=rows),
+              _finished_phase(tmp_path, "seed1/sft/unlearned", "sft", 30.0, evaluated=True, eval_seconds=4.0),
+              _finished_phase(tmp_path, "seed1/sft/synthetic", "sft", 0.0, evaluated=True)]
+    assert phase_seconds(phases) == {"base": 100.0, "seed1/unlearn/unlearned": 20.0, "seed1/sft/unlearned": 30.0,
+                                     "eval:seed1/sft/unlearned": 4.0, "seed1/sft/synthetic": 0.0}
+    assert unlearning_diagnostics(phases) == {
+        "unlearned": {"seed1": {"step": 20, "forget_nll": 3.5, "forget_at_bound": 0.75, "kl": 0.2}}}
